@@ -1,0 +1,197 @@
+"""``accel.patch`` / ``accel.patched`` and the ``Handle`` that owns every change they make."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+import pipelines  # noqa: F401  (fills the model-adapter registry)
+from accel.base.adapter import ModelAdapter
+from accel.base.changes import ChangeLog
+from accel.base.context import StepContext
+from accel.base.method import Method, PatchSession, build_method
+from accel.base.registry import MODEL_ADAPTERS
+
+from .config import KINDS, Config, resolve_method
+from .step_tracking import install_step_tracking
+
+_HANDLE_ATTR = "_accel_handle"
+# Solvers may swap the scheduler, which step tracking then wraps; caches wrap block stacks that
+# attention methods run inside. Attach in this order, undo in reverse.
+_ATTACH_ORDER = ("solver", "cache", "attention")
+
+
+class Summary(dict):
+    """``Handle.summary()``: a plain dict with a readable ``str``."""
+
+    def __str__(self) -> str:
+        lines = [f"accel on {self['family']} (preset: {self['preset'] or '-'})"]
+        for kind, info in self["methods"].items():
+            if info is None:
+                lines.append(f"  {kind:<9} off")
+                continue
+            params = ", ".join(f"{k}={v}" for k, v in info["params"].items())
+            counters = ", ".join(f"{k}={v}" for k, v in info["counters"].items())
+            lines.append(f"  {kind:<9} {info['name']}({params})" + (f"  [{counters}]" if counters else ""))
+        lines.append(f"  steps run {self['steps_run']} in {self['generations']} generation(s); "
+                     f"transformer calls by branch {self['calls_by_branch']}")
+        return "\n".join(lines)
+
+
+class Handle:
+    """Owns one patch of one pipeline. ``remove()`` restores it exactly."""
+
+    def __init__(self, target: Any, session: PatchSession, methods: Dict[str, Optional[Method]], preset: Optional[str]):
+        self.target = target
+        self.session = session
+        self.methods = methods
+        self.preset = preset
+        self.removed = False
+
+    @property
+    def step(self) -> StepContext:
+        return self.session.step
+
+    @property
+    def family(self) -> str:
+        return self.session.adapter.family
+
+    def remove(self) -> None:
+        """Undo every change in reverse order. Calling it again does nothing."""
+        if not self.removed:
+            self.removed = True
+            self.session.changes.undo_all()
+
+    def summary(self) -> Summary:
+        step = self.session.step
+        return Summary(
+            family=self.family,
+            preset=self.preset,
+            methods={kind: (m.describe() if m is not None else None) for kind, m in self.methods.items()},
+            steps_run=step.steps_run,
+            generations=step.generations,
+            calls_by_branch=dict(step.calls_by_branch),
+        )
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        active = {k: m.name for k, m in self.methods.items() if m is not None}
+        return f"<accel.Handle {self.family} {active} {state}>"
+
+
+def patch(pipe: Any, preset: Optional[str] = None, *, attention: Any = None, cache: Any = None,
+          solver: Any = None, config: Optional[Config] = None, replace: bool = False) -> Handle:
+    """Accelerate a diffusers pipeline (or a bare transformer) in place; returns the ``Handle``.
+
+    ``preset`` picks a named bundle from the model's adapter (default: the adapter's default
+    preset). ``attention``/``cache``/``solver`` override single parts: a method name, a method
+    config object, or ``None``/``"off"``. ``config`` is the typed form of all of these and cannot
+    be mixed with them. A pipeline that is already patched raises ``ValueError`` unless
+    ``replace=True``, which removes the old patch first.
+    """
+    if config is not None and (preset is not None or attention is not None or cache is not None or solver is not None):
+        raise ValueError("pass either config=Config(...) or preset/attention/cache/solver, not both")
+    if config is None:
+        config = Config(preset=preset, attention=attention, cache=cache, solver=solver)
+    elif not isinstance(config, Config):
+        raise ValueError(f"config must be an accel.Config, got {type(config).__name__}")
+
+    adapter, models, scheduler_owner = _find_models(pipe)
+    _release_previous(pipe, replace)
+    preset_name, parts = _resolve_parts(adapter, config)
+
+    changes = ChangeLog()
+    session = PatchSession(pipe=scheduler_owner, models=models, adapter=adapter, step=StepContext(), changes=changes)
+    methods: Dict[str, Optional[Method]] = {kind: None for kind in KINDS}
+    try:
+        for kind in _ATTACH_ORDER:
+            resolved = parts[kind]
+            if resolved is not None:
+                methods[kind] = build_method(*resolved)
+                methods[kind].attach(session)
+            if kind == "solver":
+                install_step_tracking(session)
+        handle = Handle(pipe, session, methods, preset_name)
+        changes.set_attr(pipe, _HANDLE_ATTR, handle)
+    except BaseException:
+        changes.undo_all()
+        raise
+    return handle
+
+
+@contextlib.contextmanager
+def patched(pipe: Any, preset: Optional[str] = None, **kwargs: Any) -> Iterator[Handle]:
+    """``with accel.patched(pipe, ...) as handle:`` patches for the block and always restores."""
+    handle = patch(pipe, preset, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def supported_families() -> List[Tuple[str, str]]:
+    return [(adapter.family, cls_name) for cls_name, adapter in MODEL_ADAPTERS.items()]
+
+
+def adapter_for(module: torch.nn.Module) -> Optional[ModelAdapter]:
+    """The adapter serving ``module``'s class or its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in MODEL_ADAPTERS:
+            return MODEL_ADAPTERS.get(cls.__name__)
+    return None
+
+
+def _find_models(pipe: Any) -> Tuple[ModelAdapter, List[torch.nn.Module], Any]:
+    if isinstance(pipe, torch.nn.Module):
+        candidates, owner = [pipe], None
+    else:
+        components = getattr(pipe, "components", None)
+        if not isinstance(components, dict):
+            raise ValueError(f"accel.patch expects a diffusers pipeline or transformer model, got {type(pipe).__name__}")
+        candidates = [c for c in components.values() if isinstance(c, torch.nn.Module)]
+        owner = pipe
+    found = [(adapter_for(m), m) for m in candidates]
+    found = [(a, m) for a, m in found if a is not None]
+    if not found:
+        families = ", ".join(f"{fam} ({cls})" for fam, cls in supported_families())
+        raise ValueError(f"accel does not support {type(pipe).__name__}: no registered transformer found. "
+                         f"Supported families: {families}")
+    adapters = {id(a) for a, _ in found}
+    if len(adapters) > 1:
+        raise ValueError(f"{type(pipe).__name__} holds transformers of several families; patch each model separately")
+    return found[0][0], [m for _, m in found], owner
+
+
+def _release_previous(pipe: Any, replace: bool) -> None:
+    previous = getattr(pipe, "__dict__", {}).get(_HANDLE_ATTR)
+    if previous is None or previous.removed:
+        return
+    if not replace:
+        raise ValueError(f"{type(pipe).__name__} is already patched by {previous!r}; "
+                         "call handle.remove() first or pass replace=True")
+    previous.remove()
+
+
+def _resolve_parts(adapter: ModelAdapter, config: Config) -> Tuple[Optional[str], Dict[str, Any]]:
+    preset_name = config.preset
+    if preset_name is None and not config.has_parts:
+        preset_name = adapter.default_preset
+    parts: Dict[str, Any] = {kind: None for kind in KINDS}
+    if preset_name is not None:
+        if preset_name not in adapter.presets:
+            raise ValueError(f"unknown preset {preset_name!r} for {adapter.family}; "
+                             f"valid presets: {', '.join(adapter.presets)}")
+        for kind in KINDS:
+            parts[kind] = resolve_method(kind, adapter.presets[preset_name].get(kind))
+    for kind in KINDS:
+        spec = getattr(config, kind)
+        if spec is not None:
+            parts[kind] = resolve_method(kind, spec)
+    return preset_name, parts

@@ -1,0 +1,100 @@
+"""The contract between ``accel`` and one transformer family (implemented in ``pipelines/``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .context import TokenLayout
+
+# How a family's attention processors reach the attention kernel.
+INVOKES_DISPATCH = "dispatch_attention_fn"  # diffusers' dispatcher, q/k/v as (B, S, H, D)
+INVOKES_SDPA = "scaled_dot_product_attention"  # torch SDPA called directly, q/k/v as (B, H, S, D)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module that methods may replace."""
+
+    path: str  # module path inside the transformer
+    module: torch.nn.Module
+    layer_index: int
+    kind: str  # "self" (visual tokens only) or "joint" (text + visual in one sequence)
+    heads: int
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """A list of transformer blocks run in sequence (caching skips spans of these)."""
+
+    name: str  # attribute path, e.g. "blocks" or "single_transformer_blocks"
+    blocks: Sequence[torch.nn.Module]
+
+
+class ModelAdapter:
+    """Knows one transformer family: blocks, token layout, attention sites, presets.
+
+    Subclasses set the class attributes and implement ``token_layout``. One adapter file per
+    family; nothing else in the code base mentions a family by name.
+    """
+
+    family: str = ""  # user-facing family name, e.g. "wan"
+    transformer_class: str = ""  # diffusers class name this adapter serves
+    pipeline_classes: Tuple[str, ...] = ()  # pipelines known to carry this transformer
+    invokes: str = INVOKES_DISPATCH
+    timestep_position: int = 1  # positional index of ``timestep`` in the transformer's forward
+    self_attention_paths: Tuple[str, ...] = ()  # attribute names of self/joint attention in a block
+    cross_attention_paths: Tuple[str, ...] = ()  # text cross-attention (never replaced by sparse methods)
+    block_stack_names: Tuple[str, ...] = ("blocks",)
+    joint_text: Optional[str] = None  # "prefix"/"suffix" when text shares the self-attention sequence
+    teacache_coefficients: Optional[Tuple[float, ...]] = None  # highest power first
+    presets: Mapping[str, Mapping[str, Any]] = {}
+    default_preset: str = ""
+
+    def block_stacks(self, model: torch.nn.Module) -> List[BlockStack]:
+        return [BlockStack(name, list(_get_path(model, name))) for name in self.block_stack_names
+                if _get_path(model, name, None) is not None]
+
+    def attention_sites(self, model: torch.nn.Module) -> List[AttentionSite]:
+        sites: List[AttentionSite] = []
+        for stack in self.block_stacks(model):
+            for block_index, block in enumerate(stack.blocks):
+                for attr in self.self_attention_paths:
+                    attn = _get_path(block, attr, None)
+                    if attn is None:
+                        continue
+                    sites.append(AttentionSite(
+                        path=f"{stack.name}.{block_index}.{attr}",
+                        module=attn,
+                        layer_index=len(sites),
+                        kind="joint" if self.joint_text else "self",
+                        heads=int(attn.heads),
+                    ))
+        return sites
+
+    def token_layout(self, model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> TokenLayout:
+        """Token layout of one forward call, from its inputs (before patch embedding)."""
+        raise NotImplementedError
+
+    def timestep(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[float]:
+        """The call's timestep as a float (the largest, for per-token timesteps as in Wan 2.2 TI2V)."""
+        value = self.call_arg(args, kwargs, "timestep", self.timestep_position)
+        if value is None:
+            return None
+        return float(value.max()) if torch.is_tensor(value) else float(value)
+
+    @staticmethod
+    def call_arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], name: str, position: int) -> Any:
+        """A forward argument given by keyword or by position (diffusers pipelines use keywords)."""
+        if name in kwargs:
+            return kwargs[name]
+        return args[position] if len(args) > position else None
+
+
+def _get_path(obj: Any, path: str, *default: Any) -> Any:
+    for part in path.split("."):
+        if default and not hasattr(obj, part):
+            return default[0]
+        obj = getattr(obj, part)
+    return obj

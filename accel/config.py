@@ -1,0 +1,62 @@
+"""``accel.Config``: the typed, validated form of everything ``accel.patch`` accepts."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Type
+
+import attention  # noqa: F401  (fills the method registries)
+import caching  # noqa: F401
+import solvers  # noqa: F401
+from accel.base.registry import METHOD_REGISTRIES, method_registry
+
+OFF = (None, "off", "none")
+KINDS = tuple(METHOD_REGISTRIES)  # ("attention", "cache", "solver")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Which preset and which method per kind.
+
+    Each of ``attention``/``cache``/``solver`` is a registered method name, that method's config
+    dataclass (e.g. ``DenseAttentionConfig()``), or ``None``/``"off"``. Explicit parts override
+    the preset's; with neither a preset nor any part, the pipeline's default preset applies.
+    """
+
+    preset: Optional[str] = None
+    attention: Any = None
+    cache: Any = None
+    solver: Any = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ValueError(f"Config.preset must be a preset name (str) or None, got {self.preset!r}")
+        for kind in KINDS:
+            resolve_method(kind, getattr(self, kind))  # raises ValueError on unknown names/types
+
+    @property
+    def has_parts(self) -> bool:
+        return any(getattr(self, kind) is not None for kind in KINDS)
+
+
+def resolve_method(kind: str, spec: Any) -> Optional[Tuple[Type, Any]]:
+    """(method class, config instance or None) for a spec, or None when the kind is off."""
+    registry = method_registry(kind)
+    if spec is None or (isinstance(spec, str) and spec in OFF):
+        return None
+    if isinstance(spec, str):
+        return registry.get(spec), None
+    if isinstance(spec, dict):  # preset entries: {"name": ..., **params}
+        params = dict(spec)
+        name = params.pop("name", None)
+        if name is None:
+            raise ValueError(f"{kind} preset entry needs a 'name', got {spec!r}")
+        cls = registry.get(name)
+        return cls, cls.Config(**params)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for _, cls in registry.items():
+            if isinstance(spec, cls.Config):
+                return cls, spec
+    valid = ", ".join(registry.names()) or "(none yet)"
+    raise ValueError(f"{kind} must be a method name ({valid}), one of their config objects, or None/'off'; "
+                     f"got {spec!r}")

@@ -1,0 +1,64 @@
+"""Base class of attention methods: interception, fallback and counters in one place."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from accel.base.context import AttnContext
+from accel.base.method import Method, PatchSession
+
+from .intercept import dense_attention, install_router, watch_module
+
+
+class AttentionMethod(Method):
+    """Replaces the self/joint attention of every site the adapter lists.
+
+    Subclasses implement ``attend`` (q, k, v as (B, S, H, D)) and may override ``unsupported`` to
+    name a reason to fall back; the fallback is exact dense attention plus one warning per reason.
+    """
+
+    kind = "attention"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.calls = 0
+        self.fallback_calls = 0
+
+    def attach(self, session: PatchSession) -> None:
+        for model in session.models:
+            sites = session.adapter.attention_sites(model)
+            for site in sites:
+                if not install_router(site, session.adapter.invokes, session.changes):
+                    self.warn_once(f"cannot intercept {type(site.module.processor).__name__} at {site.path}; "
+                                   "that module keeps its own attention")
+                    continue
+                watch_module(site, self, self._context_factory(session, model, site, len(sites)),
+                             session.changes)
+
+    @staticmethod
+    def _context_factory(session: PatchSession, model: torch.nn.Module, site, num_layers: int):
+        def make() -> AttnContext:
+            return AttnContext(layer_index=site.layer_index, num_layers=num_layers, site=site.path,
+                               kind=site.kind, heads=site.heads, layout=session.layout_of(model),
+                               step=session.step)
+        return make
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
+            attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+        self.calls += 1
+        reason = self.unsupported(q, k, v, ctx, attn_mask)
+        if reason is not None:
+            self.fallback_calls += 1
+            self.warn_once(f"falling back to dense attention: {reason}")
+            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return self.attend(q, k, v, ctx, attn_mask=attn_mask, scale=scale)
+
+    def unsupported(self, q, k, v, ctx: AttnContext, attn_mask) -> Optional[str]:
+        return None
+
+    def attend(self, q, k, v, ctx: AttnContext, attn_mask=None, scale=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def counters(self) -> Dict[str, Any]:
+        return {"calls": self.calls, "fallback_calls": self.fallback_calls}

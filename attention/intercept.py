@@ -1,0 +1,122 @@
+"""Route the self-attention of chosen modules to an accel attention method.
+
+How it works, and why it is shaped this way:
+
+* diffusers processors call the attention kernel by a module-global name: ``dispatch_attention_fn``
+  (Wan, HunyuanVideo, LTX, FLUX; q/k/v as (B, S, H, D)) or ``F.scaled_dot_product_attention``
+  (CogVideoX and other older processors; (B, H, S, D)). Rewriting each processor would copy every
+  model's projection/RoPE code, so instead that one global is swapped, once per processor module,
+  for a router shared by all handles (reference-counted in ``accel.base.changes``).
+* The router does nothing on its own: it calls the original unless a context variable says that a
+  patched attention module is running. Forward pre/post hooks on each patched module (instances
+  only) set and clear that variable, so unpatched models, cross-attention and text refiners keep
+  the original path, bit for bit.
+"""
+from __future__ import annotations
+
+import contextvars
+import sys
+import types
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+from accel.base.adapter import INVOKES_DISPATCH, INVOKES_SDPA, AttentionSite
+from accel.base.changes import ChangeLog, acquire_global
+from accel.base.context import AttnContext
+
+# (method, context) while a patched attention module's forward is running, else None.
+_ACTIVE: contextvars.ContextVar[Optional[Tuple[Any, AttnContext]]] = contextvars.ContextVar(
+    "accel_active_attention", default=None
+)
+
+
+def _route(query, key, value, attn_mask, scale) -> Optional[torch.Tensor]:
+    """The method's output for a routed call, or None when no patched module is running."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    method, ctx = active
+    # Clear while the method runs so its own dense fallback (SDPA) is not routed again.
+    token = _ACTIVE.set(None)
+    try:
+        return method.run(query, key, value, ctx, attn_mask=attn_mask, scale=scale)
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _dispatch_router(original: Callable) -> Callable:
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        # Context parallelism, GQA and backend-specific kwargs stay on the original path.
+        plain = not (dropout_p or is_causal or enable_gqa or attention_kwargs or parallel_config is not None)
+        out = _route(query, key, value, attn_mask, scale) if plain else None
+        if out is not None:
+            return out
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs,
+                        backend=backend, parallel_config=parallel_config)
+
+    dispatch_attention_fn.__accel_router__ = True
+    return dispatch_attention_fn
+
+
+class _FunctionalWithRoutedSDPA(types.ModuleType):
+    """Stands in for ``torch.nn.functional`` inside one processor module; only SDPA is routed."""
+
+    def __init__(self, original_functional: types.ModuleType):
+        super().__init__(original_functional.__name__)
+        self._functional = original_functional
+        self.__accel_router__ = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._functional, name)
+
+    def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False):
+        if _ACTIVE.get() is not None and not (dropout_p or is_causal or enable_gqa):
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            out = _route(q, k, v, attn_mask, scale)
+            if out is not None:
+                return out.transpose(1, 2)
+        return self._functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa)
+
+
+def install_router(site: AttentionSite, invokes: str, changes: ChangeLog) -> bool:
+    """Swap the kernel global in the module of ``site``'s processor. False if it has none."""
+    processor = getattr(site.module, "processor", None)
+    namespace = sys.modules.get(type(processor).__module__) if processor is not None else None
+    if invokes == INVOKES_DISPATCH and namespace is not None and hasattr(namespace, "dispatch_attention_fn"):
+        acquire_global(namespace, "dispatch_attention_fn", _dispatch_router, changes)
+        return True
+    if invokes == INVOKES_SDPA and namespace is not None and getattr(namespace, "F", None) is not None:
+        acquire_global(namespace, "F", _FunctionalWithRoutedSDPA, changes)
+        return True
+    return False
+
+
+def watch_module(site: AttentionSite, method: Any, make_context: Callable[[], AttnContext],
+                 changes: ChangeLog) -> None:
+    """Mark ``site`` as routed to ``method`` while its forward runs."""
+    tokens = []
+
+    def enter(module, args):
+        tokens.append(_ACTIVE.set((method, make_context())))
+
+    def leave(module, args, output):
+        if tokens:
+            _ACTIVE.reset(tokens.pop())
+
+    changes.keep_handle(site.module.register_forward_pre_hook(enter))
+    # always_call: an exception inside attention must not leave the routing switched on.
+    changes.keep_handle(site.module.register_forward_hook(leave, always_call=True))
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Exact attention for (B, S, H, D) inputs via torch SDPA: the reference and the fallback."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale)
+    return out.transpose(1, 2)

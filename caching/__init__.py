@@ -1,0 +1,1 @@
+"""Feature caching (residual caches, forecasting); methods register here as they land."""

@@ -1,0 +1,36 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``): joint attention, text appended after video."""
+from __future__ import annotations
+
+from accel.base.adapter import INVOKES_DISPATCH, ModelAdapter
+from accel.base.context import TokenLayout
+from accel.base.registry import MODEL_ADAPTERS
+
+from .presets import family_presets
+
+
+class HunyuanVideoAdapter(ModelAdapter):
+    family = "hunyuan_video"
+    transformer_class = "HunyuanVideoTransformer3DModel"
+    pipeline_classes = ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline")
+    invokes = INVOKES_DISPATCH
+    # Dual-stream blocks and single-stream blocks both run one joint attention called ``attn``.
+    self_attention_paths = ("attn",)
+    block_stack_names = ("transformer_blocks", "single_transformer_blocks")
+    joint_text = "suffix"
+    teacache_coefficients = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
+    presets = family_presets()
+    default_preset = "dense"
+
+    def token_layout(self, model, args, kwargs):
+        hidden_states = self.call_arg(args, kwargs, "hidden_states", 0)  # (B, C, F, H, W)
+        text = self.call_arg(args, kwargs, "encoder_hidden_states", 2)
+        p, p_t = model.config.patch_size, model.config.patch_size_t
+        _, _, frames, height, width = hidden_states.shape
+        return TokenLayout(
+            grid=(frames // p_t, height // p, width // p),
+            text_tokens=int(text.shape[1]),
+            text_position=self.joint_text,
+        )
+
+
+MODEL_ADAPTERS.register(HunyuanVideoAdapter.transformer_class, HunyuanVideoAdapter())

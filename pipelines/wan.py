@@ -1,0 +1,33 @@
+"""Wan 2.1 / 2.2 (``WanTransformer3DModel``): video-only self-attention, text by cross-attention."""
+from __future__ import annotations
+
+from accel.base.adapter import INVOKES_DISPATCH, ModelAdapter
+from accel.base.context import TokenLayout
+from accel.base.registry import MODEL_ADAPTERS
+
+from .presets import family_presets
+
+
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    transformer_class = "WanTransformer3DModel"
+    # Wan 2.2 A14B runs the same pipeline with a second transformer (``transformer_2``) for the
+    # low-noise steps; both get the same adapter and share one step context.
+    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+    invokes = INVOKES_DISPATCH
+    self_attention_paths = ("attn1",)
+    cross_attention_paths = ("attn2",)
+    block_stack_names = ("blocks",)
+    # TeaCache, Wan2.1 T2V-1.3B (indicator: the time embedding ``temb``).
+    teacache_coefficients = (2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01)
+    presets = family_presets()
+    default_preset = "dense"
+
+    def token_layout(self, model, args, kwargs):
+        hidden_states = self.call_arg(args, kwargs, "hidden_states", 0)  # (B, C, F, H, W)
+        p_t, p_h, p_w = model.config.patch_size
+        _, _, frames, height, width = hidden_states.shape
+        return TokenLayout(grid=(frames // p_t, height // p_h, width // p_w))
+
+
+MODEL_ADAPTERS.register(WanAdapter.transformer_class, WanAdapter())

@@ -1,0 +1,1 @@
+"""Scheduler swaps and few-step samplers; methods register here as they land."""
