@@ -1,7 +1,7 @@
 """The ``accel`` command line.
 
-``accel list [--json]`` works now; ``demo``, ``bench``, ``calibrate`` and ``eval`` are reserved for
-the reference-model, benchmark, calibration and evaluation work and say so when called.
+``accel list [--json]``, ``accel demo`` and ``accel bench attention`` work now; ``calibrate`` and
+``eval`` (and the other benchmarks) are reserved for the work that brings them, and say so.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import sys
 from typing import List, Optional
 
 RESERVED = {
-    "demo": "generate dense vs accelerated videos on the reference model",
-    "bench": "benchmarks (attention kernels, caching, solvers)",
+    "bench": "benchmarks (attention kernels, caching, solvers)",  # `bench attention` works now
     "calibrate": "fit cache and solver calibrations for a registered model",
     "eval": "quality evaluation against the dense output",
 }
@@ -37,13 +36,51 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from eval.demo import DemoError, DemoOptions, run_demo
+
+    options = DemoOptions(out=args.out, prompt=args.prompt, preset=args.preset, seed=args.seed, steps=args.steps,
+                          model=args.model, height=args.height, width=args.width, frames=args.frames)
+    try:
+        run_demo(options)
+    except DemoError as exc:
+        print(f"accel demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from eval.bench_attention_kernels import main as bench_attention
+
+    return int(bench_attention(args.rest) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Drop-in acceleration for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="supported model families, methods and presets")
     p_list.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p_list.set_defaults(func=_cmd_list)
+
+    p_demo = sub.add_parser("demo", help="dense vs accelerated video, side by side, with a report")
+    p_demo.add_argument("--out", default="accel-demo", help="output folder (default: ./accel-demo)")
+    p_demo.add_argument("--prompt", help="text prompt (default: the model's demo prompt)")
+    p_demo.add_argument("--preset", help="preset to compare against dense (default: the model's default)")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--steps", type=int, help="denoising steps (default: the model's default)")
+    p_demo.add_argument("--model", help="local pipeline folder or cached hub id (default: the reference model)")
+    p_demo.add_argument("--height", type=int)
+    p_demo.add_argument("--width", type=int)
+    p_demo.add_argument("--frames", type=int, help="number of frames (video pipelines)")
+    p_demo.set_defaults(func=_cmd_demo)
+    p_bench = sub.add_parser("bench", help="benchmarks; `accel bench attention --json OUT [--device cuda|cpu]`")
+    p_bench.add_argument("target", choices=["attention"], help="what to benchmark")
+    p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help there)")
+    p_bench.set_defaults(func=_cmd_bench)
+
     for name, what in RESERVED.items():
+        if name == "bench":
+            continue
         p = sub.add_parser(name, help=f"(coming) {what}")
         p.set_defaults(func=lambda args, name=name: _not_yet(name))
     return parser

@@ -1,0 +1,46 @@
+"""Attention kernels: block-sparse attention with one layout type and several backends.
+
+Every backend takes q (B, Sq, H, D), k/v (B, Sk, H, D) and a BlockLayout, and
+must match block_sparse_attention_reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .block_layout import BlockLayout, dense_block_mask_to_indices
+from .block_sparse_flex import block_sparse_attention_flex
+from .block_sparse_reference import block_sparse_attention_reference
+from .block_sparse_triton import block_sparse_attention_triton, triton_supported
+
+_BACKENDS = ("auto", "triton", "flex", "torch")
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                           scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Block-sparse attention through the chosen backend.
+
+    auto: the Triton kernel on CUDA when it supports the inputs, otherwise
+    compiled FlexAttention. The Triton CPU interpreter is never chosen
+    automatically: it is a correctness tool, orders of magnitude too slow.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" and triton_supported(q)[0] else "flex"
+    if backend == "triton":
+        return block_sparse_attention_triton(q, k, v, layout, scale)
+    if backend == "flex":
+        return block_sparse_attention_flex(q, k, v, layout, scale)
+    return block_sparse_attention_reference(q, k, v, layout, scale)
+
+
+__all__ = [
+    "BlockLayout",
+    "block_sparse_attention",
+    "block_sparse_attention_flex",
+    "block_sparse_attention_reference",
+    "block_sparse_attention_triton",
+    "dense_block_mask_to_indices",
+    "triton_supported",
+]
