@@ -1,6 +1,6 @@
 """The ``accel`` command line.
 
-``accel list [--json]``, ``accel demo`` and ``accel bench attention`` work now; ``calibrate`` and
+``accel list [--json]``, ``accel demo``, ``accel bench attention`` and ``accel calibrate`` work now;
 ``eval`` (and the other benchmarks) are reserved for the work that brings them, and say so.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import List, Optional
 
 RESERVED = {
     "bench": "benchmarks (attention kernels, caching, solvers)",  # `bench attention` works now
-    "calibrate": "fit cache and solver calibrations for a registered model",
     "eval": "quality evaluation against the dense output",
 }
 
@@ -55,6 +54,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(bench_attention(args.rest) or 0)
 
 
+def _calibrate(rest: List[str]) -> int:
+    """``--solver dss ...`` goes to the solver search, ``--cache teacache|magcache ...`` to the cache fit."""
+    if any(a == "--solver" or a.startswith("--solver=") for a in rest):
+        from distill.solver_search import main as calibrate_solver
+
+        return int(calibrate_solver(rest) or 0)
+    if any(a == "--cache" or a.startswith("--cache=") for a in rest):
+        from distill.cache_calibration import main as calibrate_cache
+
+        return int(calibrate_cache(rest) or 0)
+    print("accel calibrate: error: say what to calibrate: --cache teacache|magcache ... or --solver dss ...",
+          file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Drop-in acceleration for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help there)")
     p_bench.set_defaults(func=_cmd_bench)
 
+    # Listed for --help only: main() hands everything after "calibrate" to the chosen calibration,
+    # because argparse cannot pass through a remainder that starts with an option.
+    sub.add_parser("calibrate", help="fit cache (--cache teacache|magcache) or solver (--solver dss) "
+                                     "calibrations for a registered model")
+
     for name, what in RESERVED.items():
         if name == "bench":
             continue
@@ -92,6 +111,9 @@ def _not_yet(name: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "calibrate":
+        return _calibrate(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,7 +1,7 @@
 """CogVideoX (``CogVideoXTransformer3DModel``): joint attention with text first, direct torch SDPA."""
 from __future__ import annotations
 
-from accel.base.adapter import INVOKES_SDPA, ModelAdapter
+from accel.base.adapter import INVOKES_SDPA, BlockIO, ModelAdapter
 from accel.base.context import TokenLayout
 from accel.base.registry import MODEL_ADAPTERS
 
@@ -16,10 +16,17 @@ class CogVideoXAdapter(ModelAdapter):
     invokes = INVOKES_SDPA
     self_attention_paths = ("attn1",)
     block_stack_names = ("transformer_blocks",)
+    # CogVideoXBlock.forward(hidden_states, encoder_hidden_states, temb, ...) -> (hidden_states, encoder_hidden_states).
+    block_io = {"transformer_blocks": BlockIO(streams=("hidden_states", "encoder_hidden_states"),
+                                              returns=("hidden_states", "encoder_hidden_states"))}
     joint_text = "prefix"
     teacache_coefficients = (-1.53880483e03, 8.43202495e02, -1.34363087e02, 7.97131516e00, -5.23162339e-02)
     presets = family_presets()
     default_preset = "dense"
+
+    def teacache_input(self, first_block, block_args, captured=None):
+        # The CogVideoX coefficients were fitted on the time embedding the blocks receive as ``temb``.
+        return block_args["temb"]
 
     def token_layout(self, model, args, kwargs):
         hidden_states = self.call_arg(args, kwargs, "hidden_states", 0)  # (B, F, C, H, W)

@@ -1,7 +1,7 @@
 """FLUX.1 (``FluxTransformer2DModel``): joint attention with text first, image grid from ``img_ids``."""
 from __future__ import annotations
 
-from accel.base.adapter import INVOKES_DISPATCH, ModelAdapter
+from accel.base.adapter import INVOKES_DISPATCH, BlockIO, ModelAdapter
 from accel.base.context import TokenLayout
 from accel.base.registry import MODEL_ADAPTERS
 
@@ -16,10 +16,18 @@ class FluxAdapter(ModelAdapter):
     invokes = INVOKES_DISPATCH
     self_attention_paths = ("attn",)
     block_stack_names = ("transformer_blocks", "single_transformer_blocks")
+    # Both FluxTransformerBlock and FluxSingleTransformerBlock take (hidden_states,
+    # encoder_hidden_states, temb, ...) and return (encoder_hidden_states, hidden_states): text first.
+    block_io = {name: BlockIO(streams=("hidden_states", "encoder_hidden_states"),
+                              returns=("encoder_hidden_states", "hidden_states")) for name in block_stack_names}
     joint_text = "prefix"
     teacache_coefficients = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
     presets = family_presets()
     default_preset = "dense"
+
+    def teacache_input(self, first_block, block_args, captured=None):
+        # The timestep-modulated, normed image stream of the first dual block (norm1 -> x * (1 + scale) + shift).
+        return first_block.norm1(block_args["hidden_states"], emb=block_args["temb"])[0]
 
     def token_layout(self, model, args, kwargs):
         hidden_states = self.call_arg(args, kwargs, "hidden_states", 0)  # (B, S, C), packed 2x2 latents

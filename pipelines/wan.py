@@ -1,7 +1,7 @@
 """Wan 2.1 / 2.2 (``WanTransformer3DModel``): video-only self-attention, text by cross-attention."""
 from __future__ import annotations
 
-from accel.base.adapter import INVOKES_DISPATCH, ModelAdapter
+from accel.base.adapter import INVOKES_DISPATCH, BlockIO, ModelAdapter
 from accel.base.context import TokenLayout
 from accel.base.registry import MODEL_ADAPTERS
 
@@ -18,10 +18,19 @@ class WanAdapter(ModelAdapter):
     self_attention_paths = ("attn1",)
     cross_attention_paths = ("attn2",)
     block_stack_names = ("blocks",)
+    # WanTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states;
+    # the text enters by cross-attention and is never updated, so it is context, not a stream.
+    block_io = {"blocks": BlockIO(streams=("hidden_states",), returns=("hidden_states",))}
     # TeaCache, Wan2.1 T2V-1.3B (indicator: the time embedding ``temb``).
     teacache_coefficients = (2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01)
+    # Blocks receive the projected ``timestep_proj``; the coefficients above were fitted on ``temb``,
+    # the first output of the condition embedder.
+    teacache_input_module = "condition_embedder"
     presets = family_presets()
     default_preset = "dense"
+
+    def teacache_input(self, first_block, block_args, captured=None):
+        return captured[0] if captured is not None else None  # (temb, timestep_proj, text, image)
 
     def token_layout(self, model, args, kwargs):
         hidden_states = self.call_arg(args, kwargs, "hidden_states", 0)  # (B, C, F, H, W)

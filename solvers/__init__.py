@@ -1,1 +1,2 @@
-"""Scheduler swaps and few-step samplers; methods register here as they land."""
+"""Scheduler swaps and few-step samplers; importing this package registers the solver methods."""
+from . import flow_map, learned, swap  # noqa: F401  (registration side effects)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread: tiny models gain nothing from two, and on shared 2-core CI machines two threads
+# contend with each other (tiny pipeline runs measured 30-100x slower under load).
+torch.set_num_threads(1)
 
 
 def pipeline_output(pipe, kwargs):

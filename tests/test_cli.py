@@ -31,7 +31,7 @@ def test_list_human_readable():
     assert "WanTransformer3DModel" in result.stdout and "attention" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["calibrate", "eval"])
+@pytest.mark.parametrize("command", ["calibrate", "eval"])  # calibrate without --cache/--solver
 def test_reserved_commands_exit_nonzero_without_traceback(command):
     result = run_cli(command)
     assert result.returncode != 0

@@ -1,7 +1,7 @@
 """The contract between ``accel`` and one transformer family (implemented in ``pipelines/``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -25,11 +25,31 @@ class AttentionSite:
 
 
 @dataclass(frozen=True)
+class BlockIO:
+    """How the blocks of one stack carry their streams: what a cache needs to skip blocks.
+
+    ``streams`` names the forward parameters holding the tensors each block updates, the visual
+    stream first (joint models also carry the text stream). ``returns`` lists the same names in
+    the order ``forward`` returns them; a single name means the block returns a bare tensor.
+    Everything else a block takes (time embedding, rotary tables, text for cross-attention) is
+    context that a skipped block simply does not read.
+    """
+
+    streams: Tuple[str, ...] = ("hidden_states",)
+    returns: Tuple[str, ...] = ("hidden_states",)
+
+    def __post_init__(self) -> None:
+        if not self.streams or len(set(self.returns)) != len(self.returns) or set(self.returns) != set(self.streams):
+            raise ValueError(f"BlockIO.returns must list each of the streams {self.streams} once, got {self.returns}")
+
+
+@dataclass(frozen=True)
 class BlockStack:
     """A list of transformer blocks run in sequence (caching skips spans of these)."""
 
     name: str  # attribute path, e.g. "blocks" or "single_transformer_blocks"
     blocks: Sequence[torch.nn.Module]
+    io: BlockIO = field(default_factory=BlockIO)
 
 
 class ModelAdapter:
@@ -47,14 +67,18 @@ class ModelAdapter:
     self_attention_paths: Tuple[str, ...] = ()  # attribute names of self/joint attention in a block
     cross_attention_paths: Tuple[str, ...] = ()  # text cross-attention (never replaced by sparse methods)
     block_stack_names: Tuple[str, ...] = ("blocks",)
+    block_io: Mapping[str, BlockIO] = {}  # per stack name; stacks not listed carry one "hidden_states" stream
     joint_text: Optional[str] = None  # "prefix"/"suffix" when text shares the self-attention sequence
     teacache_coefficients: Optional[Tuple[float, ...]] = None  # highest power first
+    # Submodule whose forward output holds TeaCache's indicator input when block 0 does not see
+    # it (Wan: the time embedding leaves ``condition_embedder`` but blocks get its projection).
+    teacache_input_module: Optional[str] = None
     presets: Mapping[str, Mapping[str, Any]] = {}
     default_preset: str = ""
 
     def block_stacks(self, model: torch.nn.Module) -> List[BlockStack]:
-        return [BlockStack(name, list(_get_path(model, name))) for name in self.block_stack_names
-                if _get_path(model, name, None) is not None]
+        return [BlockStack(name, list(_get_path(model, name)), self.block_io.get(name, BlockIO()))
+                for name in self.block_stack_names if _get_path(model, name, None) is not None]
 
     def attention_sites(self, model: torch.nn.Module) -> List[AttentionSite]:
         sites: List[AttentionSite] = []
@@ -76,6 +100,16 @@ class ModelAdapter:
     def token_layout(self, model: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> TokenLayout:
         """Token layout of one forward call, from its inputs (before patch embedding)."""
         raise NotImplementedError
+
+    def teacache_input(self, first_block: torch.nn.Module, block_args: Mapping[str, Any],
+                       captured: Any = None) -> Optional[torch.Tensor]:
+        """The tensor whose relative change drives TeaCache (its coefficients were fitted on it).
+
+        ``block_args`` are the first block's forward arguments by name; ``captured`` is the output
+        of ``teacache_input_module`` in this call, when the adapter names one. ``None`` means the
+        family has no hook; the cache then measures the first block's visual input and warns.
+        """
+        return None
 
     def timestep(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[float]:
         """The call's timestep as a float (the largest, for per-token timesteps as in Wan 2.2 TI2V)."""

@@ -41,6 +41,27 @@ class ChangeLog:
 
         self._undo.append(undo)
 
+    def replace_module(self, parent: Any, name: str, new: Any) -> None:
+        """Swap the child module ``parent.name`` (a ``torch.nn.Module`` child, e.g. ``blocks.3``).
+
+        ``set_attr`` cannot do this: children live in ``parent._modules``, not the instance
+        ``__dict__``. Undo puts the original object back under the same key (dict order is kept,
+        so ``state_dict`` and iteration order are as before).
+        """
+        children = parent._modules
+        if name not in children:
+            raise KeyError(f"{type(parent).__name__} has no child module {name!r}")
+        old = children[name]
+        children[name] = new
+
+        def undo() -> None:
+            if children.get(name) is not new:
+                raise RuntimeError(f"child module {name!r} of {type(parent).__name__} was replaced by someone else; "
+                                   "left as it is")
+            children[name] = old
+
+        self._undo.append(undo)
+
     def on_undo(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
 

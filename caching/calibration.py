@@ -1,0 +1,127 @@
+"""Calibration artifacts (TeaCache polynomials, MagCache ratios): format, loading and checks.
+
+``distill/cache_calibration.py`` fits and writes them; cache configs load them here. An artifact
+is a small JSON object::
+
+    {"format": 1, "kind": "teacache" | "magcache", "model_class": "WanTransformer3DModel",
+     "family": "wan", "num_steps": 50, "resolution": {...}, "token_grid": [T, H, W],
+     "first_blocks": 0, "last_blocks": 0, "prompts": 4,
+     "coefficients": [c4, c3, c2, c1, c0]             # teacache, highest power first
+     "ratios": {"cond": [...], "uncond": [...]}}      # magcache, one ratio per step
+
+A fitted curve or ratio table is only valid for the model class and the step count it was fitted
+with (the per-step change grows as steps get fewer); loading refuses a mismatch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+FORMAT_VERSION = 1
+KINDS = ("teacache", "magcache")
+CalibrationSource = Union[str, "os.PathLike[str]", Mapping[str, Any], "CacheCalibration"]
+
+
+@dataclass(frozen=True)
+class CacheCalibration:
+    kind: str
+    model_class: str
+    num_steps: int
+    coefficients: Optional[Tuple[float, ...]] = None
+    ratios: Optional[Dict[str, Tuple[float, ...]]] = None
+    source: str = "<dict>"
+    meta: Dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def check_model(self, model_class: str) -> None:
+        if model_class != self.model_class:
+            raise ValueError(f"{self.kind} calibration {self.source} was fitted for {self.model_class}, "
+                             f"not {model_class}; run `accel calibrate --cache {self.kind}` for this model")
+
+    def check_steps(self, num_steps: Optional[int]) -> None:
+        if num_steps is not None and num_steps != self.num_steps:
+            raise ValueError(f"{self.kind} calibration {self.source} was fitted for {self.num_steps} steps, "
+                             f"this run has {num_steps}; calibrate for {num_steps} steps or run "
+                             f"{self.num_steps}")
+
+
+def load_calibration(source: CalibrationSource, kind: str, *, model_class: Optional[str] = None,
+                     num_steps: Optional[int] = None) -> CacheCalibration:
+    """Load and validate an artifact (path, parsed dict, or an already loaded one).
+
+    Raises ``ValueError`` naming the problem: wrong kind, missing or malformed fields, or (when
+    given) another model class or step count.
+    """
+    if isinstance(source, CacheCalibration):
+        calibration = source
+    else:
+        if isinstance(source, Mapping):
+            data, where = dict(source), "<dict>"
+        elif isinstance(source, (str, os.PathLike)):
+            where = os.fspath(source)
+            try:
+                with open(where) as fh:
+                    data = json.load(fh)
+            except FileNotFoundError:
+                raise ValueError(f"calibration file {where} does not exist") from None
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"calibration file {where} is not valid JSON: {exc}") from None
+        else:
+            raise ValueError(f"calibration must be a JSON path or a dict, got {type(source).__name__}")
+        calibration = _parse(data, where)
+    if calibration.kind != kind:
+        raise ValueError(f"calibration {calibration.source} is a {calibration.kind} artifact, not {kind}")
+    if model_class is not None:
+        calibration.check_model(model_class)
+    calibration.check_steps(num_steps)
+    return calibration
+
+
+def _parse(data: Dict[str, Any], where: str) -> CacheCalibration:
+    def need(key: str) -> Any:
+        if key not in data:
+            raise ValueError(f"calibration {where} lacks the field {key!r}")
+        return data[key]
+
+    kind = need("kind")
+    if kind not in KINDS:
+        raise ValueError(f"calibration {where}: kind must be one of {KINDS}, got {kind!r}")
+    if data.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"calibration {where}: format {data.get('format')!r} is not supported "
+                         f"(this version reads format {FORMAT_VERSION})")
+    num_steps = need("num_steps")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"calibration {where}: num_steps must be a positive integer, got {num_steps!r}")
+    coefficients = ratios = None
+    if kind == "teacache":
+        coefficients = tuple(_finite(c, where, "coefficients") for c in need("coefficients"))
+        if not 1 <= len(coefficients) <= 10:
+            raise ValueError(f"calibration {where}: 1 to 10 coefficients expected, got {len(coefficients)}")
+    else:
+        raw = need("ratios")
+        if not isinstance(raw, Mapping) or not raw:
+            raise ValueError(f"calibration {where}: ratios must map branch names to per-step lists")
+        ratios = {str(b): tuple(_finite(r, where, "ratios") for r in values) for b, values in raw.items()}
+        for branch, values in ratios.items():
+            if len(values) != num_steps:
+                raise ValueError(f"calibration {where}: branch {branch!r} has {len(values)} ratios "
+                                 f"for {num_steps} steps")
+    meta = {k: v for k, v in data.items() if k not in ("kind", "model_class", "num_steps", "coefficients", "ratios")}
+    return CacheCalibration(kind=kind, model_class=str(need("model_class")), num_steps=num_steps,
+                            coefficients=coefficients, ratios=ratios, source=where, meta=meta)
+
+
+def _finite(value: Any, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"calibration {where}: {name} must be finite numbers, got {value!r}")
+    return float(value)
+
+
+def save_calibration(artifact: Mapping[str, Any], path: Union[str, "os.PathLike[str]"]) -> None:
+    """Write an artifact after checking it parses back."""
+    _parse(dict(artifact), os.fspath(path))
+    with open(path, "w") as fh:
+        json.dump(dict(artifact), fh, indent=2)
+        fh.write("\n")

@@ -1,0 +1,123 @@
+"""What a reuse step adds instead of running the cached blocks: the last residual, or a forecast.
+
+Each forecaster keeps residuals of the last few *computed* steps (``history_size``) and predicts
+the residual at a later step, in step-index units (so uneven gaps between computed steps, as
+adaptive rules produce, are handled exactly). Residuals are dicts of stream name -> tensor;
+each stream is forecast on its own, in float32, and cast back to its dtype.
+
+* ``none``: the newest computed residual, as is.
+* ``taylor`` (order n = 1 or 2): the Newton divided-difference polynomial through the last n+1
+  computed residuals, evaluated at the target step. For evenly spaced steps this is the
+  finite-difference Taylor expansion F + F' k + F'' k^2 / 2 with backward-difference derivatives;
+  it is exact for residuals that are polynomials of degree <= n in the step index.
+* ``foca`` (BDF2 predictor, Heun corrector, damped): with computed steps s1 > s2 > s3, residuals
+  F1, F2, F3, gap h1 = s1 - s2 and lead tau = s - s1 > 0:
+
+      v1 = (F1 - F2) / h1,  v2 = (F2 - F3) / (s2 - s3)       slopes at midpoints m1, m2
+      a  = (v1 - v2) / (m1 - m2)                              slope change per step
+      P  = F1 + tau * v1                                      predictor (= 2 F1 - F2 when tau = h1)
+      C  = F1 + tau / 2 * (v(s1) + v(s1 + tau))               Heun: trapezoid of the linear slope model
+         = P + a * tau * (h1 + tau) / 2
+      F  = P + min(1, h1 / tau) * (C - P)                     correction damped beyond one gap
+
+  Exact for linear residuals at any lead and for quadratic ones while tau <= h1; with only two
+  computed steps it is the predictor alone.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from accel.base.config import check_choice, check_range
+
+Residuals = Dict[str, torch.Tensor]
+History = Sequence[Tuple[int, Residuals]]  # (step index, residuals), oldest first
+
+FORECASTS = ("none", "taylor", "foca")
+
+
+class Forecaster:
+    history_size = 1
+
+    def predict(self, history: History, step: int) -> Residuals:
+        raise NotImplementedError
+
+
+class LastResidual(Forecaster):
+    """Plain reuse: the residual of the newest computed step."""
+
+    def predict(self, history: History, step: int) -> Residuals:
+        return history[-1][1]
+
+
+class TaylorForecast(Forecaster):
+    def __init__(self, order: int):
+        check_range("TaylorForecast", "order", order, 1, 2, integer=True)
+        self.order = order
+        self.history_size = order + 1
+
+    def predict(self, history: History, step: int) -> Residuals:
+        points = list(history[-self.history_size:])[::-1]  # newest first
+        steps = [s for s, _ in points]
+        return {name: _cast_like(newton_extrapolate(steps, [r[name].float() for _, r in points], step), ref)
+                for name, ref in points[0][1].items()}
+
+
+class FoCaForecast(Forecaster):
+    history_size = 3
+
+    def predict(self, history: History, step: int) -> Residuals:
+        points = list(history[-3:])[::-1]  # newest first
+        out: Residuals = {}
+        for name, newest in points[0][1].items():
+            steps = [s for s, _ in points]
+            values = [r[name].float() for _, r in points]
+            out[name] = _cast_like(foca_extrapolate(steps, values, step), newest)
+        return out
+
+
+def newton_extrapolate(steps: Sequence[float], values: Sequence[torch.Tensor], target: float) -> torch.Tensor:
+    """Value at ``target`` of the polynomial through (steps[i], values[i]) (distinct steps)."""
+    coeffs: List[torch.Tensor] = list(values)
+    n = len(steps)
+    for level in range(1, n):  # coeffs[i] becomes the divided difference f[s_0 .. s_i]
+        for i in range(n - 1, level - 1, -1):
+            coeffs[i] = (coeffs[i] - coeffs[i - 1]) / float(steps[i] - steps[i - level])
+    result = coeffs[-1]
+    for i in range(n - 2, -1, -1):  # Horner in Newton form
+        result = result * float(target - steps[i]) + coeffs[i]
+    return result
+
+
+def foca_extrapolate(steps: Sequence[float], values: Sequence[torch.Tensor], target: float) -> torch.Tensor:
+    """The damped BDF2/Heun forecast of the module docstring; ``steps``/``values`` newest first."""
+    if len(steps) < 2:
+        return values[0]
+    s1, s2 = steps[0], steps[1]
+    f1, f2 = values[0], values[1]
+    h1, tau = float(s1 - s2), float(target - s1)
+    if tau <= 0:
+        return f1
+    v1 = (f1 - f2) / h1
+    predicted = f1 + tau * v1
+    if len(steps) < 3:
+        return predicted
+    s3, f3 = steps[2], values[2]
+    v2 = (f2 - f3) / float(s2 - s3)
+    slope_change = (v1 - v2) / (0.5 * float(s1 - s3))  # midpoints are (s1 - s3) / 2 apart
+    correction = slope_change * (tau * (h1 + tau) / 2)
+    return predicted + min(1.0, h1 / tau) * correction
+
+
+def make_forecaster(kind: str, order: int = 1) -> Forecaster:
+    check_choice("forecast", "forecast", kind, FORECASTS)
+    if kind == "taylor":
+        return TaylorForecast(order)
+    if kind == "foca":
+        return FoCaForecast()
+    return LastResidual()
+
+
+def _cast_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return value.to(ref.dtype)

@@ -1,0 +1,225 @@
+"""Fit cache calibrations from runs of a registered model: TeaCache polynomials, MagCache ratios.
+
+Both run the pipeline densely with the cache engine attached in record-only mode (threshold 0,
+so every step computes and the output is the dense output), and watch the cached span of every
+call:
+
+* TeaCache: for consecutive steps of one branch, x = relative L1 change of the adapter's
+  TeaCache input (the same tensor the rule measures) and y = relative L1 change of the cached
+  span's output (the visual stream after the cached blocks: what reuse approximates). The
+  artifact holds the least-squares degree-4 polynomial y(x), highest power first.
+* MagCache: per step t and branch, the mean over tokens of |R_t| / |R_(t-1)| (per-token L2 norm)
+  of the cached span's residual R, averaged over prompts; step 0 is 1.
+
+``main(argv)`` is ``accel calibrate --cache teacache|magcache --model tiny:wan|PATH ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from caching.calibration import FORMAT_VERSION, save_calibration
+from caching.configs import TeaCacheConfig
+from caching.indicators import relative_l1
+
+DEFAULT_PROMPTS = (
+    "a red fox runs through the snowy forest at sunset",
+    "a golden retriever swims in a blue lake, slow motion",
+    "a city street at night in the rain, cinematic lighting",
+    "a bird flies over the ocean at sunrise, wide shot",
+    "a woman dances in a field of yellow flowers",
+    "a robot walks on a dark street, close up",
+    "a horse runs on the beach, realistic, detailed",
+    "a child sits under a green tree in the morning light",
+)
+
+
+class _SpanRecorder:
+    """Per (model, branch): change statistics between consecutive computed steps."""
+
+    def __init__(self) -> None:
+        self.previous: Dict[Tuple[int, str], Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.pairs: List[Tuple[float, float]] = []  # (input change, output change)
+        self.ratios: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+        self.model = None
+
+    def __call__(self, record) -> None:
+        probe = record.probe
+        self.model = record.model
+        out = record.span_output[record.main_stream]
+        residual = (out - record.span_input[record.main_stream]).float()
+        key = (id(record.model), probe.branch)
+        previous = self.previous.get(key)
+        if previous is not None and previous[0] == probe.step - 1:
+            _, prev_input, prev_out, prev_residual = previous
+            self.pairs.append((relative_l1(probe.modulated_input, prev_input), relative_l1(out, prev_out)))
+            token_norms = residual.norm(dim=-1) / prev_residual.norm(dim=-1).clamp_min(1e-12)
+            self.ratios[probe.branch][probe.step].append(float(token_norms.mean()))
+        self.previous[key] = (probe.step, probe.modulated_input, out, residual)
+
+
+def _record(pipe: Any, prompts: Sequence[str], steps: int, call_kwargs: Optional[Dict[str, Any]],
+            first_blocks: int, last_blocks: int) -> Tuple[_SpanRecorder, Dict[str, Any]]:
+    import accel  # the public API composes the engine; imported here to keep this module light
+
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    if steps < 2:
+        raise ValueError(f"calibration needs at least 2 steps, got {steps}")
+    config = TeaCacheConfig(threshold=0.0, coefficients=(1.0, 0.0), warmup_steps=0, final_steps=0,
+                            first_blocks=first_blocks, last_blocks=last_blocks)
+    recorder = _SpanRecorder()
+    handle = accel.patch(pipe, cache=config)
+    try:
+        handle.methods["cache"].engine.observers.append(recorder)
+        for prompt in prompts:
+            kwargs = dict(call_kwargs or {})
+            kwargs.update(prompt=prompt, num_inference_steps=steps)
+            kwargs.setdefault("output_type", "latent")  # the VAE decode tells the cache nothing
+            with torch.no_grad():
+                pipe(**kwargs)
+        session = handle.session
+        model = session.models[0]
+        layout = session.layout_of(model)
+        meta = {
+            "format": FORMAT_VERSION,
+            "kind": None,  # filled by the caller
+            "model_class": type(model).__name__,
+            "family": session.adapter.family,
+            "num_steps": steps,
+            "resolution": {k: call_kwargs[k] for k in ("height", "width", "num_frames") if k in (call_kwargs or {})},
+            "token_grid": list(layout.grid) if layout.grid else None,
+            "prompts": len(prompts),
+            "first_blocks": first_blocks,
+            "last_blocks": last_blocks,
+        }
+    finally:
+        handle.remove()
+    return recorder, meta
+
+
+def fit_polynomial(pairs: Sequence[Tuple[float, float]], degree: int = 4) -> Tuple[List[float], float]:
+    """Least-squares coefficients (highest power first, padded to ``degree + 1``) and the RMSE."""
+    pairs = [(x, y) for x, y in pairs if np.isfinite(x) and np.isfinite(y)]
+    if len(pairs) < 2:
+        raise ValueError(f"too few (input change, output change) pairs to fit: {len(pairs)}; "
+                         "use more steps or prompts")
+    x, y = np.array(pairs).T
+    fit_degree = min(degree, len(pairs) - 1, len(set(x.tolist())) - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # poorly conditioned fits on few points are still usable
+        coefficients = np.polyfit(x, y, max(fit_degree, 0))
+    rmse = float(np.sqrt(np.mean((np.polyval(coefficients, x) - y) ** 2)))
+    padded = [0.0] * (degree + 1 - len(coefficients)) + [float(c) for c in coefficients]
+    return padded, rmse
+
+
+def calibrate_teacache(pipe: Any, prompts: Sequence[str], steps: int, *, call_kwargs: Optional[Dict[str, Any]] = None,
+                       first_blocks: int = 0, last_blocks: int = 0, out: Optional[str] = None) -> Dict[str, Any]:
+    """Fit TeaCache's 4th-order rescaling polynomial for ``pipe``'s transformer at ``steps`` steps."""
+    recorder, meta = _record(pipe, prompts, steps, call_kwargs, first_blocks, last_blocks)
+    coefficients, rmse = fit_polynomial(recorder.pairs)
+    artifact = {**meta, "kind": "teacache", "coefficients": coefficients,
+                "fit": {"pairs": len(recorder.pairs), "rmse": rmse}}
+    if out is not None:
+        save_calibration(artifact, out)
+    return artifact
+
+
+def calibrate_magcache(pipe: Any, prompts: Sequence[str], steps: int, *, call_kwargs: Optional[Dict[str, Any]] = None,
+                       first_blocks: int = 0, last_blocks: int = 0, out: Optional[str] = None) -> Dict[str, Any]:
+    """Per-step residual magnitude ratios for ``pipe``'s transformer at ``steps`` steps, per branch."""
+    recorder, meta = _record(pipe, prompts, steps, call_kwargs, first_blocks, last_blocks)
+    ratios = {branch: [float(np.mean(by_step[t])) if by_step.get(t) else 1.0 for t in range(steps)]
+              for branch, by_step in sorted(recorder.ratios.items())}
+    if not ratios:
+        raise ValueError("no consecutive computed steps were seen; nothing to calibrate")
+    artifact = {**meta, "kind": "magcache", "ratios": ratios}
+    if out is not None:
+        save_calibration(artifact, out)
+    return artifact
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="accel calibrate", description=(
+        "Fit a cache calibration (TeaCache polynomial or MagCache ratios) for a registered model."))
+    parser.add_argument("--cache", required=True, choices=("teacache", "magcache"))
+    parser.add_argument("--model", required=True,
+                        help="tiny:FAMILY (offline test pipelines) or a local pipeline folder / cached hub id")
+    parser.add_argument("--prompts", type=int, default=4, help="number of prompts to run (default 4)")
+    parser.add_argument("--prompt-file", help="text file with one prompt per line (default: built-in prompts)")
+    parser.add_argument("--steps", type=int, required=True, help="denoising steps (the artifact is valid for these)")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--frames", type=int, help="number of frames (video pipelines)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-blocks", type=int, default=0, help="blocks kept out of the cached span at the start")
+    parser.add_argument("--last-blocks", type=int, default=0, help="blocks kept out of the cached span at the end")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="default: bfloat16 on GPU, float32 on CPU")
+    return parser
+
+
+def _prompts(args: argparse.Namespace) -> List[str]:
+    if args.prompts < 1:
+        raise ValueError(f"--prompts must be at least 1, got {args.prompts}")
+    pool = list(DEFAULT_PROMPTS)
+    if args.prompt_file:
+        with open(args.prompt_file) as fh:
+            pool = [line.strip() for line in fh if line.strip()]
+        if not pool:
+            raise ValueError(f"{args.prompt_file} holds no prompts")
+    return [pool[i % len(pool)] for i in range(args.prompts)]
+
+
+def _load_pipeline(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
+    if args.model.startswith("tiny:"):
+        from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+        family = args.model.split(":", 1)[1]
+        kwargs = tiny_call_kwargs(family, seed=args.seed, steps=args.steps)
+        kwargs.pop("prompt", None)
+        return build_tiny_pipeline(family, seed=args.seed), kwargs
+    from diffusers import DiffusionPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device != "cpu" else "float32"))
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs: Dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(args.seed)}
+    return pipe, kwargs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prompts = _prompts(args)
+        pipe, call_kwargs = _load_pipeline(args)
+        for option, key in (("height", "height"), ("width", "width"), ("frames", "num_frames")):
+            if getattr(args, option) is not None:
+                call_kwargs[key] = getattr(args, option)
+        calibrate = calibrate_teacache if args.cache == "teacache" else calibrate_magcache
+        artifact = calibrate(pipe, prompts, args.steps, call_kwargs=call_kwargs, first_blocks=args.first_blocks,
+                             last_blocks=args.last_blocks, out=args.out)
+    except (ValueError, OSError) as exc:
+        print(f"accel calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    detail = (f"coefficients {['%.4g' % c for c in artifact['coefficients']]}" if args.cache == "teacache"
+              else f"ratios for branches {sorted(artifact['ratios'])}")
+    print(f"accel calibrate: {args.cache} for {artifact['model_class']} at {args.steps} steps, "
+          f"{len(prompts)} prompt(s): {detail} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Learned tiny solvers (DSS-style): ``solver=DSSConfig(artifact="wan-8.json")``.
+
+For one model and one step count n, a search (``distill/solver_search.py``) fits the sigmas
+sigma_0 = 1 > ... > sigma_n = 0 (so the step sizes dt_i = sigma_(i+1) - sigma_i) and a
+lower-triangular matrix c mixing the velocities seen so far:
+
+    v_hat_i = sum_(j<i) c_ij v_j + (1 - sum_(j<i) c_ij) v_i,    x_(i+1) = x_i + dt_i v_hat_i
+
+n(n+1)/2 numbers in all (n - 1 free step sizes and n(n-1)/2 coefficients, plus the fixed ends).
+With c = 0 this is Euler on the fitted sigmas. The artifact is a small JSON file naming the model
+class and a fingerprint of its config: a solver fitted for one model (or step count) is refused
+on another, because its coefficients are only meaningful for the velocity field it was fitted on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from accel.base.config import check_range
+from accel.base.method import PatchSession
+from accel.base.registry import SOLVER_METHODS
+
+from .cfg import CFGOptions
+from .swap import SchedulerSwap
+
+ARTIFACT_FORMAT = "accel-dss"
+ARTIFACT_VERSION = 1
+
+
+def model_fingerprint(models: Sequence[torch.nn.Module]) -> str:
+    """A short hash of the architecture config of ``models`` (not the weights): it tells the tiny
+    test model from the reference model although both are ``WanTransformer3DModel``."""
+    configs = [{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in models]
+    blob = json.dumps(configs, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dss_velocity(history: Sequence[torch.Tensor], row: Any) -> torch.Tensor:
+    """v_hat_i from ``history`` = [v_0, ..., v_i] and ``row`` = [c_i0, ..., c_i(i-1)] (floats or a tensor).
+
+    Shared by the scheduler and the search, so the fitted numbers are applied exactly as fitted.
+    """
+    current = history[-1]
+    if len(history) == 1:
+        return current
+    v_hat = current
+    for j, v in enumerate(history[:-1]):
+        v_hat = v_hat + row[j] * (v - current)  # == sum_j c_ij v_j + (1 - sum_j c_ij) v_i
+    return v_hat
+
+
+@dataclass(frozen=True)
+class DSSArtifact:
+    model_class: str
+    model_fingerprint: str
+    steps: int
+    sigmas: Tuple[float, ...]  # steps + 1 values, 1 -> 0
+    coefficients: Tuple[Tuple[float, ...], ...]  # row i holds c_i0 .. c_i(i-1)
+    fit: Dict[str, Any] = field(default_factory=dict, compare=False)  # how it was fitted, for reports
+
+    def __post_init__(self) -> None:
+        check_range("DSSArtifact", "steps", self.steps, 1, None, integer=True)
+        sigmas = tuple(float(s) for s in self.sigmas)
+        if len(sigmas) != self.steps + 1:
+            raise ValueError(f"DSSArtifact.sigmas must have steps + 1 = {self.steps + 1} entries, got {len(sigmas)}")
+        if not all(math.isfinite(s) for s in sigmas) or sigmas[-1] != 0.0 or not 0.0 < sigmas[0] <= 1.0 \
+                or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"DSSArtifact.sigmas must decrease strictly from (0, 1] to 0, got {sigmas}")
+        rows = tuple(tuple(float(c) for c in row) for row in self.coefficients)
+        if [len(r) for r in rows] != list(range(self.steps)):
+            raise ValueError(f"DSSArtifact.coefficients must be lower-triangular rows of lengths 0..{self.steps - 1}, "
+                             f"got lengths {[len(r) for r in rows]}")
+        if not all(math.isfinite(c) for r in rows for c in r):
+            raise ValueError("DSSArtifact.coefficients must be finite")
+        object.__setattr__(self, "sigmas", sigmas)
+        object.__setattr__(self, "coefficients", rows)
+
+    @property
+    def parameter_count(self) -> int:
+        return self.steps * (self.steps + 1) // 2
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "model_class": self.model_class,
+                "model_fingerprint": self.model_fingerprint, "steps": self.steps,
+                "parameter_count": self.parameter_count, "sigmas": list(self.sigmas),
+                "coefficients": [list(r) for r in self.coefficients], "fit": self.fit}
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str) -> "DSSArtifact":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read DSS artifact {path!r}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(f"{path!r} is not a DSS solver artifact (format must be {ARTIFACT_FORMAT!r})")
+        if data.get("version") != ARTIFACT_VERSION:
+            raise ValueError(f"{path!r} has artifact version {data.get('version')!r}; this accel reads "
+                             f"version {ARTIFACT_VERSION}")
+        try:
+            return cls(model_class=str(data["model_class"]), model_fingerprint=str(data["model_fingerprint"]),
+                       steps=data["steps"], sigmas=data["sigmas"], coefficients=data["coefficients"],
+                       fit=dict(data.get("fit", {})))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"DSS artifact {path!r} is missing or has a malformed field: {exc!r}") from None
+
+
+class DSSScheduler:
+    """A scheduler (diffusers' interface) that applies a ``DSSArtifact``."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def __init__(self, artifact: DSSArtifact, num_train_timesteps: int = 1000):
+        self.artifact = artifact
+        self.num_train_timesteps = num_train_timesteps
+        self.sigmas = torch.tensor(artifact.sigmas, dtype=torch.float32)
+        self.timesteps = self.sigmas[:-1] * num_train_timesteps
+        self.num_inference_steps = artifact.steps
+        self._history: List[torch.Tensor] = []
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Any = None, **_: Any) -> None:
+        self.timesteps = (self.sigmas[:-1] * self.num_train_timesteps).to(device)
+        self._history = []
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def step_index(self) -> Optional[int]:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True) -> Any:
+        if self._step_index is None:
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            else:
+                self._step_index = int(torch.argmin((self.timesteps.cpu() - float(timestep)).abs()))
+                self._history = self._history[:self._step_index]
+        i = self._step_index
+        self._history.append(model_output.float())
+        v_hat = dss_velocity(self._history, self.artifact.coefficients[i])
+        dt = float(self.sigmas[i + 1] - self.sigmas[i])
+        prev = (sample.float() + dt * v_hat).to(model_output.dtype)
+        self._step_index += 1
+        if self._step_index == self.artifact.steps:
+            self._history = []  # the loop is over; do not hold the velocities
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+@dataclass(frozen=True)
+class DSSConfig(CFGOptions):
+    """``artifact``: path of a JSON written by ``accel calibrate --solver dss``. ``steps``: optional,
+    must equal the artifact's step count (a guard in presets). ``check_model``: refuse an artifact
+    whose model fingerprint differs from the patched model's (same class, other architecture)."""
+
+    artifact: Optional[str] = None
+    steps: Optional[int] = None
+    check_model: bool = True
+    cfg_interval: Tuple[float, float] = (0.0, 1.0)  # cheaper CFG, as for every solver (solvers/cfg.py)
+    cfg_zero_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.artifact, (str, os.PathLike)):
+            raise ValueError(f"DSSConfig.artifact must be the path of a DSS artifact JSON "
+                             f"(accel calibrate --solver dss ...), got {self.artifact!r}")
+        loaded = DSSArtifact.load(os.fspath(self.artifact))
+        if self.steps is not None:
+            check_range("DSSConfig", "steps", self.steps, 1, None, integer=True)
+            if self.steps != loaded.steps:
+                raise ValueError(f"DSSConfig.steps is {self.steps} but artifact {self.artifact!r} was fitted for "
+                                 f"{loaded.steps} steps; fit one for {self.steps} steps")
+        self._check_cfg()
+        object.__setattr__(self, "_artifact", loaded)
+
+    @property
+    def loaded(self) -> DSSArtifact:
+        return self.__dict__["_artifact"]
+
+
+@SOLVER_METHODS.register("dss")
+class DSSSolver(SchedulerSwap):
+    """Runs a fitted DSS artifact; the step count is the artifact's (the pipeline's is ignored)."""
+
+    name = "dss"
+    Config = DSSConfig
+
+    def check_model(self, session: PatchSession) -> None:
+        artifact = self.config.loaded
+        model_class = type(session.models[0]).__name__
+        if model_class != artifact.model_class:
+            raise ValueError(f"DSS artifact {self.config.artifact!r} was fitted for {artifact.model_class}, "
+                             f"not {model_class}; fit one for this model with accel calibrate --solver dss")
+        fingerprint = model_fingerprint(session.models)
+        if self.config.check_model and fingerprint != artifact.model_fingerprint:
+            raise ValueError(f"DSS artifact {self.config.artifact!r} was fitted for another {model_class} "
+                             f"(config fingerprint {artifact.model_fingerprint}, this model {fingerprint}); "
+                             "fit one for this model, or pass check_model=False to use it anyway")
+
+    def make_planner(self, original: Any) -> Any:
+        return None
+
+    def plan(self, num_inference_steps: Optional[int], **kwargs: Any) -> np.ndarray:
+        return np.asarray(self.config.loaded.sigmas, dtype=np.float64)
+
+    def make_solver(self, original: Any) -> Any:
+        return DSSScheduler(self.config.loaded, int(original.config.get("num_train_timesteps", 1000)))
+
+    def load_schedule(self, solver: Any, sigmas: np.ndarray, device: Any) -> None:
+        solver.set_timesteps(device=device)

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from caching.indicators import Rule
+from pipelines.tiny import tiny_call_kwargs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared, busy cores spinning OpenMP
+    workers made these tests ~50x slower; run them single-threaded, then restore."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_latents(pipe, family, steps=6, **overrides):
+    """Final latents of one tiny-pipeline run (the VAE decode tells nothing about the transformer)."""
+    out = pipe(**{**tiny_call_kwargs(family, steps=steps), "output_type": "latent", **overrides})
+    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+
+
+def cache_counters(handle):
+    return handle.summary()["methods"]["cache"]["counters"]
+
+
+def flat_calibration(kind, model_class, steps, value, branches=("cond", "uncond", "cond_uncond")):
+    """A hand-made artifact: constant TeaCache polynomial or constant MagCache ratios."""
+    artifact = {"kind": kind, "model_class": model_class, "num_steps": steps}
+    if kind == "teacache":
+        artifact["coefficients"] = [0.0, 0.0, 0.0, 0.0, value]
+    else:
+        artifact["ratios"] = {b: [value] * steps for b in branches}
+    return artifact
+
+
+def record_decisions(handle):
+    """[(step, branch, reused)] for every call, in order (wraps the rule's ``committed``)."""
+    rule = handle.methods["cache"].engine.rule
+    seen = []
+    original = rule.committed
+
+    def committed(state, probe, reused):
+        seen.append((probe.step, probe.branch, reused))
+        return original(state, probe, reused)
+
+    rule.committed = committed
+    return seen
+
+
+def per_branch(decisions, branch):
+    return [reused for _, b, reused in decisions if b == branch]
+
+
+class AlwaysReuse(Rule):
+    """Proposes reuse at every call; counts the calls it saw in its per-branch state."""
+
+    def propose(self, state, probe):
+        state.calls = getattr(state, "calls", 0) + 1
+        return True
+
+
+@pytest.fixture
+def helpers():
+    class Helpers:
+        run = staticmethod(run_latents)
+        counters = staticmethod(cache_counters)
+        calibration = staticmethod(flat_calibration)
+        decisions = staticmethod(record_decisions)
+        branch = staticmethod(per_branch)
+        AlwaysReuse = AlwaysReuse
+    return Helpers

@@ -1,0 +1,94 @@
+"""Forecasters are exact on polynomial residuals of their order, at even and uneven step gaps."""
+import pytest
+import torch
+
+from caching.forecast import FoCaForecast, LastResidual, TaylorForecast, make_forecaster
+
+BASE = torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+
+
+def polynomial(coefficients):
+    """Residual dict whose every element is sum_i c_i * s^i (times a fixed pattern)."""
+    def at(step):
+        value = sum(c * float(step) ** i for i, c in enumerate(coefficients))
+        return {"hidden_states": BASE * value + value, "encoder_hidden_states": BASE[:1] * (2 * value)}
+    return at
+
+
+def history(signal, steps):
+    return [(s, signal(s)) for s in steps]
+
+
+def assert_exact(predicted, expected):
+    for name in expected:
+        torch.testing.assert_close(predicted[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [(0, 2, 4), (1, 2, 5), (3, 7, 8)])
+@pytest.mark.parametrize("target_offset", [1, 2, 5])
+def test_taylor_order_1_exact_on_linear(steps, target_offset):
+    signal = polynomial([0.3, -0.7])
+    target = steps[-1] + target_offset
+    assert_exact(TaylorForecast(1).predict(history(signal, steps), target), signal(target))
+
+
+@pytest.mark.parametrize("steps", [(0, 2, 4), (1, 2, 5), (0, 3, 4, 9)])
+@pytest.mark.parametrize("target_offset", [1, 3])
+def test_taylor_order_2_exact_on_quadratic(steps, target_offset):
+    signal = polynomial([0.5, -0.2, 0.05])
+    target = steps[-1] + target_offset
+    assert_exact(TaylorForecast(2).predict(history(signal, steps), target), signal(target))
+
+
+def test_taylor_order_1_is_not_exact_on_quadratic():
+    signal = polynomial([0.5, -0.2, 0.05])
+    predicted = TaylorForecast(1).predict(history(signal, (0, 2, 4)), 6)
+    assert not torch.allclose(predicted["hidden_states"], signal(6)["hidden_states"], atol=1e-3)
+
+
+def test_taylor_with_short_history_falls_back_to_lower_order():
+    signal = polynomial([0.5, 1.0])
+    assert_exact(TaylorForecast(2).predict(history(signal, (2,)), 5), signal(2))
+    assert_exact(TaylorForecast(2).predict(history(signal, (2, 3)), 5), signal(5))
+
+
+@pytest.mark.parametrize("target_offset", [1, 2, 7])
+def test_foca_exact_on_linear_at_any_lead(target_offset):
+    signal = polynomial([0.3, -0.7])
+    steps = (0, 2, 3)
+    target = steps[-1] + target_offset
+    assert_exact(FoCaForecast().predict(history(signal, steps), target), signal(target))
+
+
+@pytest.mark.parametrize("steps,target", [((0, 1, 2), 3), ((0, 2, 4), 5), ((0, 2, 4), 6), ((1, 2, 5), 7)])
+def test_foca_exact_on_quadratic_within_one_gap(steps, target):
+    signal = polynomial([0.5, -0.2, 0.05])
+    assert_exact(FoCaForecast().predict(history(signal, steps), target), signal(target))
+
+
+def test_foca_damps_the_correction_beyond_one_gap():
+    signal = polynomial([0.0, 0.0, 1.0])  # s^2
+    hist = history(signal, (0, 1, 2))
+    predicted = FoCaForecast().predict(hist, 6)["hidden_states"]  # lead 4 > gap 1
+    linear = 4.0 + 4 * 3.0  # predictor: F(2) + 4 * slope over [1, 2]
+    correction = 2.0 * 4 * (1 + 4) / 2  # a = 2 for s^2
+    expected = linear + (1 / 4) * correction
+    torch.testing.assert_close(predicted, BASE * expected + expected)
+
+
+def test_forecasts_keep_dtype_and_plain_reuse_returns_the_last_residual():
+    hist = [(0, {"hidden_states": torch.ones(2, 2, dtype=torch.bfloat16)}),
+            (1, {"hidden_states": 2 * torch.ones(2, 2, dtype=torch.bfloat16)})]
+    for forecaster in (TaylorForecast(1), FoCaForecast()):
+        out = forecaster.predict(hist, 2)["hidden_states"]
+        assert out.dtype == torch.bfloat16 and torch.equal(out, 3 * torch.ones(2, 2, dtype=torch.bfloat16))
+    assert LastResidual().predict(hist, 5)["hidden_states"] is hist[-1][1]["hidden_states"]
+
+
+def test_make_forecaster_validates():
+    assert make_forecaster("taylor", 2).history_size == 3
+    assert make_forecaster("foca").history_size == 3
+    with pytest.raises(ValueError, match="order"):
+        make_forecaster("taylor", 3)
+    with pytest.raises(ValueError, match="forecast"):
+        make_forecaster("spline")
