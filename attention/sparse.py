@@ -1,0 +1,216 @@
+"""Block-sparse attention methods: ``attention="spatiotemporal" | "radial" | "tile_window" | "topk" | "cluster"``.
+
+One ``SparseAttention`` base runs any pattern from ``attention.patterns``: dense warm-up steps and
+dense first layers, reasons to fall back (no grid, a mask that is not text padding, no kernel for
+the dtype/head dim/device), text padding handled by dropping the padded keys, the block-sparse
+kernel between the pattern's permutation and its inverse, and density counters for
+``Handle.summary()``. Each registered method only names its pattern and config.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+import torch
+
+from accel.base.context import AttnContext
+from accel.base.registry import ATTENTION_METHODS
+from attention.kernels import block_sparse_attention, triton_supported
+
+from .base import AttentionMethod
+from .intercept import dense_attention
+from .patterns import (BlockPattern, ClusterConfig, ClusterPattern, Geometry, RadialConfig, RadialPattern,
+                       SpatiotemporalConfig, SpatiotemporalPattern, TileWindowConfig, TileWindowPattern,
+                       TopKConfig, TopKPattern, geometry_of)
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_unsupported(q: torch.Tensor, backend: str) -> Optional[str]:
+    """Why no block-sparse backend can run q on its device, or None."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} has no block-sparse kernel (fp16, bf16, fp32)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device.type} has no block-sparse kernel"
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+        ok, why = triton_supported(q)
+        if not ok:
+            return f"Triton block-sparse kernel: {why}"
+    return None
+
+
+def text_padding_keep(attn_mask: torch.Tensor, geom: Geometry, batch: int, kv_len: int
+                      ) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+    """(kept text keys (B|1, text) bool, or None when nothing is masked; reason when unsupported).
+
+    Only key-padding masks over text tokens are supported (HunyuanVideo pads its prompt): they
+    are the same for every query and head and keep every visual token, so dropping the masked
+    keys is exact. Anything else (causal, per-query, finite biases) falls back to dense.
+    """
+    mask = attn_mask
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point() or not bool(((mask == 0) | (mask == float("-inf"))).all()):
+            return None, "attention mask with finite biases is not a padding mask"
+        mask = mask == 0
+    if mask.dim() not in (2, 3, 4) or any(size != 1 for size in mask.shape[max(0, mask.dim() - 3):-1]) \
+            or mask.shape[-1] != kv_len:
+        return None, f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask"
+    mask = mask.reshape(mask.shape[0] if mask.dim() == 4 else 1, kv_len)
+    if mask.shape[0] not in (1, batch):
+        return None, f"attention mask of shape {tuple(attn_mask.shape)} does not fit batch {batch}"
+    visual_start = geom.text_tokens if geom.text_position == "prefix" else 0
+    if not bool(mask[:, visual_start:visual_start + geom.visual_tokens].all()):
+        return None, "attention mask hides visual tokens (only text padding is supported)"
+    text_start = 0 if geom.text_position == "prefix" else geom.visual_tokens
+    text = mask[:, text_start:text_start + geom.text_tokens]
+    return (None if bool(text.all()) else text), None
+
+
+class SparseAttention(AttentionMethod):
+    """Base of the block-sparse methods; subclasses set ``name``, ``Config`` and ``Pattern``."""
+
+    Pattern: ClassVar[type] = BlockPattern
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.pattern = self.Pattern(config)
+        self.sparse_calls = 0
+        self.dense_calls = 0  # warm-up steps and dense first layers
+        self._density: Dict[Tuple[int, int], List[Any]] = {}  # (step, layer) -> [sum, calls]
+        self._prepared: Optional[tuple] = None  # (q, geometry, text keep) from unsupported() for attend()
+
+    # -- one call -------------------------------------------------------------------------------
+
+    def run(self, q, k, v, ctx: AttnContext, attn_mask=None, scale=None):
+        fallbacks = self.fallback_calls
+        try:
+            out = super().run(q, k, v, ctx, attn_mask=attn_mask, scale=scale)
+        finally:
+            self._prepared = None
+        if self.fallback_calls != fallbacks:
+            self._record(ctx, 1.0)
+        return out
+
+    def unsupported(self, q, k, v, ctx: AttnContext, attn_mask) -> Optional[str]:
+        geom, keep, reason = self._prepare(q, k, ctx, attn_mask)
+        if reason is None:
+            self._prepared = (q, geom, keep)
+        return reason
+
+    def _prepare(self, q, k, ctx: AttnContext, attn_mask) -> Tuple[Optional[Geometry], Optional[torch.Tensor],
+                                                                     Optional[str]]:
+        """(geometry, kept text keys, None), or a reason this call cannot run sparse."""
+        if q.shape[1] != k.shape[1]:
+            return None, None, f"query length {q.shape[1]} differs from key length {k.shape[1]}"
+        geom, reason = geometry_of(q.shape[1], ctx.layout)
+        reason = reason or self.pattern.unsupported(geom) or kernel_unsupported(q, self.config.backend)
+        if reason is None and attn_mask is not None:
+            keep, reason = text_padding_keep(attn_mask, geom, q.shape[0], k.shape[1])
+            return geom, keep, reason
+        return geom, None, reason
+
+    def dense_now(self, ctx: AttnContext) -> bool:
+        """Dense first layers, and dense warm-up steps (by step_index / num_steps when known)."""
+        if ctx.layer_index < self.config.dense_layers:
+            return True
+        progress = ctx.step.progress
+        return progress is not None and progress < self.config.dense_warmup
+
+    def attend(self, q, k, v, ctx: AttnContext, attn_mask=None, scale=None):
+        if self.dense_now(ctx):
+            self.dense_calls += 1
+            self._record(ctx, 1.0)
+            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        prepared_q, geom, keep = self._prepared if self._prepared is not None else (None, None, None)
+        if prepared_q is not q:  # attend() called directly, without run() and its fallback
+            geom, keep, reason = self._prepare(q, k, ctx, attn_mask)
+            if reason is not None:
+                raise ValueError(f"{self.name}: {reason}")
+        outputs, densities = [], []
+        for rows, kept in self._batch_groups(q.shape[0], keep):
+            group_geom = geom if kept is None else dataclasses.replace(
+                geom, text_keys_kept=torch.nonzero(kept).view(-1))
+            qg, kg, vg = (x if rows is None else x[rows] for x in (q, k, v))
+            plan = self.pattern.block_layout(qg, kg, ctx, group_geom, scale)
+            perm = plan.permutation
+            out = block_sparse_attention(perm.permute_q(qg), perm.permute_kv(kg), perm.permute_kv(vg),
+                                         plan.layout, scale=scale, backend=self.config.backend)
+            outputs.append(perm.restore(out))
+            densities.append(plan.density)
+        self.sparse_calls += 1
+        self._record(ctx, sum(densities) / len(densities))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    @staticmethod
+    def _batch_groups(batch: int, keep: Optional[torch.Tensor]):
+        """(rows, kept text keys) per group of batch items sharing one padding mask."""
+        if keep is None:
+            return [(None, None)]
+        if keep.shape[0] == 1 or bool((keep == keep[:1]).all()):
+            return [(None, keep[0])]
+        return [(slice(b, b + 1), keep[b]) for b in range(batch)]
+
+    # -- counters -------------------------------------------------------------------------------
+
+    def _record(self, ctx: AttnContext, density: Any) -> None:
+        # Densities stay tensors on the device until counters() asks: no sync per attention call.
+        entry = self._density.setdefault((ctx.step.step_index, ctx.layer_index), [0.0, 0])
+        entry[0] = entry[0] + density
+        entry[1] += 1
+
+    def density_table(self) -> Dict[Tuple[int, int], float]:
+        """Mean realised density per (step, layer), over heads, batch items and calls."""
+        return {key: float(total) / calls for key, (total, calls) in sorted(self._density.items())}
+
+    def counters(self) -> Dict[str, Any]:
+        per_step: Dict[int, List[float]] = {}
+        total, calls = 0.0, 0
+        for (step, _), (summed, count) in sorted(self._density.items()):
+            summed = float(summed)
+            per_step.setdefault(step, [0.0, 0])
+            per_step[step][0] += summed
+            per_step[step][1] += count
+            total, calls = total + summed, calls + count
+        return {
+            **super().counters(),
+            "sparse_calls": self.sparse_calls,
+            "dense_calls": self.dense_calls,
+            "mean_density": round(total / calls, 4) if calls else None,
+            "density_by_step": [round(s / c, 3) for s, c in per_step.values()],
+            **self.pattern.counters(),
+        }
+
+
+@ATTENTION_METHODS.register("spatiotemporal")
+class SpatiotemporalAttention(SparseAttention):
+    name = "spatiotemporal"
+    Config = SpatiotemporalConfig
+    Pattern = SpatiotemporalPattern
+
+
+@ATTENTION_METHODS.register("radial")
+class RadialAttention(SparseAttention):
+    name = "radial"
+    Config = RadialConfig
+    Pattern = RadialPattern
+
+
+@ATTENTION_METHODS.register("tile_window")
+class TileWindowAttention(SparseAttention):
+    name = "tile_window"
+    Config = TileWindowConfig
+    Pattern = TileWindowPattern
+
+
+@ATTENTION_METHODS.register("topk")
+class TopKAttention(SparseAttention):
+    name = "topk"
+    Config = TopKConfig
+    Pattern = TopKPattern
+
+
+@ATTENTION_METHODS.register("cluster")
+class ClusterAttention(SparseAttention):
+    name = "cluster"
+    Config = ClusterConfig
+    Pattern = ClusterPattern

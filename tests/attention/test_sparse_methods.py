@@ -1,0 +1,187 @@
+"""Registered sparse attention methods: every family, exact fallbacks, padding masks, warm-up, counters."""
+import warnings
+
+import pytest
+import torch
+
+import accel
+from accel.base.context import AttnContext, StepContext, TokenLayout
+from accel.base.registry import ATTENTION_METHODS
+from attention.intercept import dense_attention
+from attention.sparse import (ClusterConfig, RadialConfig, SpatiotemporalConfig, TileWindowConfig, TopKAttention,
+                              TopKConfig)
+from pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The tiny models are all small ops; on 2 shared cores OpenMP barriers cost more than the ops
+    themselves (runs measured 10-100x slower with 2 threads under load), so run these serially."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CONFIGS = {"spatiotemporal": SpatiotemporalConfig, "radial": RadialConfig, "tile_window": TileWindowConfig,
+           "topk": TopKConfig, "cluster": ClusterConfig}
+STEPS = 2
+
+
+def sparse_config(name, density, **extra):
+    """Small blocks so the tiny pipelines' 27-48 visual tokens really are sparse; no dense warm-up."""
+    extra = {"block_size": 16, "dense_warmup": 0.0, "dense_layers": 0, "backend": "torch",
+             **({"similarity_threshold": -1.0} if name == "topk" else {}),
+             **({"q_clusters": 8, "k_clusters": 8} if name == "cluster" else {}), **extra}
+    return CONFIGS[name](density=density, **extra)
+
+
+def call_kwargs(family):
+    # Latents, not decoded frames: everything accel changes happens before the VAE, which is
+    # deterministic, so equal latents mean equal videos; decoding would double the test time.
+    return {**tiny_call_kwargs(family, steps=STEPS), "output_type": "latent"}
+
+
+def run_recording_warnings(pipe, family, run_pipeline, attention):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = accel.patch(pipe, attention=attention)
+        out = run_pipeline(pipe, call_kwargs(family))
+        counters = handle.summary()["methods"]["attention"]["counters"]
+        handle.remove()
+    return out, counters, [str(w.message) for w in caught if "accel" in str(w.message)]
+
+
+def test_every_sparse_method_is_registered():
+    for name, config_cls in CONFIGS.items():
+        assert ATTENTION_METHODS.get(name).Config is config_cls
+        assert accel.Config(attention=config_cls()).attention == config_cls()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_pattern_runs_on_every_family_and_remove_restores(family, run_pipeline):
+    pipe = build_tiny_pipeline(family)
+    reference = run_pipeline(pipe, call_kwargs(family))
+    dense = None
+    for name in CONFIGS:
+        out, counters, messages = run_recording_warnings(pipe, family, run_pipeline, sparse_config(name, 0.3))
+        assert counters["calls"] > 0, name
+        if counters["fallback_calls"]:  # FLUX images have one frame: the video-only patterns step aside
+            assert family == "flux" and name in ("spatiotemporal", "radial")
+            assert counters["fallback_calls"] == counters["calls"] and counters["sparse_calls"] == 0
+            assert len(messages) == 1 and "falling back to dense" in messages[0], messages
+            if dense is None:
+                dense = run_recording_warnings(pipe, family, run_pipeline, "dense")[0]
+            assert torch.equal(out, dense), name
+        else:
+            assert messages == [], messages
+            assert counters["sparse_calls"] == counters["calls"], name
+            assert 0.0 < counters["mean_density"] <= 1.0 and len(counters["density_by_step"]) == STEPS
+            assert torch.isfinite(out).all(), name
+    assert torch.equal(run_pipeline(pipe, call_kwargs(family)), reference)
+
+
+# One pattern per family (all five covered, joint text prefix/suffix, the padding mask, batched CFG).
+DENSITY_ONE_CASES = [("wan", "spatiotemporal"), ("wan22", "radial"), ("hunyuan_video", "topk"),
+                     ("cogvideox", "cluster"), ("ltx", "tile_window"), ("flux", "cluster")]
+
+
+@pytest.mark.parametrize("family, name", DENSITY_ONE_CASES)
+def test_density_one_equals_dense_output(family, name, run_pipeline):
+    pipe = build_tiny_pipeline(family)
+    reference = run_pipeline(pipe, call_kwargs(family))
+    out, counters, messages = run_recording_warnings(pipe, family, run_pipeline, sparse_config(name, 1.0))
+    assert messages == [] and counters["sparse_calls"] == counters["calls"] > 0
+    assert counters["mean_density"] == 1.0
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+# -- single attention calls -----------------------------------------------------------------------
+
+def make_ctx(grid=(3, 4, 4), text=0, position=None, step=5, num_steps=10, layer=3):
+    return AttnContext(layer_index=layer, num_layers=8, site=f"blocks.{layer}.attn", kind="joint" if text else "self",
+                       heads=2, layout=TokenLayout(grid=grid, text_tokens=text, text_position=position),
+                       step=StepContext(step_index=step, num_steps=num_steps))
+
+
+def qkv(seq, batch=1, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, seq, 2, 16, generator=gen).to(dtype) for _ in range(3)]
+
+
+def run_method(name, calls, **config):
+    method = ATTENTION_METHODS.get(name)(sparse_config(name, **{"density": 0.3, **config}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [method.run(*args, **kwargs) for args, kwargs in calls]
+    return method, outs, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("name", ["spatiotemporal", "radial", "tile_window"])
+def test_grid_patterns_without_a_grid_fall_back_to_exact_dense_once(name):
+    q, k, v = qkv(48)
+    ctx = make_ctx(grid=None)
+    method, outs, messages = run_method(name, [((q, k, v, ctx), {})] * 2)
+    assert len(messages) == 1 and "needs a token grid" in messages[0]
+    assert method.fallback_calls == 2 and method.sparse_calls == 0
+    for out in outs:
+        assert torch.equal(out, dense_attention(q, k, v))
+    with pytest.raises(ValueError, match="needs a token grid"):  # attend() alone never guesses
+        method.attend(q, k, v, ctx)
+
+
+def test_unsupported_dtype_and_masks_fall_back_to_exact_dense():
+    q, k, v = qkv(48, dtype=torch.float64)
+    method, (out,), messages = run_method("topk", [((q, k, v, make_ctx()), {})])
+    assert method.fallback_calls == 1 and "dtype" in messages[0]
+    assert torch.equal(out, dense_attention(q, k, v))
+
+    q, k, v = qkv(48)
+    causal = torch.ones(48, 48, dtype=torch.bool).tril()
+    hides_visual = torch.ones(1, 1, 1, 48, dtype=torch.bool)
+    hides_visual[..., 7] = False
+    for mask, reason in [(causal, "not a key-padding mask"), (hides_visual, "hides visual tokens")]:
+        method, (out,), messages = run_method("radial", [((q, k, v, make_ctx()), {"attn_mask": mask})])
+        assert method.fallback_calls == 1 and reason in messages[0]
+        assert torch.equal(out, dense_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_text_padding_masks_stay_sparse_and_exact(position):
+    text, visual = 16, 48
+    q, k, v = qkv(visual + text, batch=2)
+    text_start = 0 if position == "prefix" else visual
+    keep = torch.ones(2, visual + text, dtype=torch.bool)
+    keep[0, text_start + 12:text_start + text] = False  # batch items pad differently
+    keep[1, text_start + 5:text_start + text] = False
+    for mask in (keep.view(2, 1, 1, -1), torch.zeros(2, 1, 1, visual + text).masked_fill(~keep.view(2, 1, 1, -1),
+                                                                                        float("-inf"))):
+        ctx = make_ctx(text=text, position=position)
+        method, (out,), messages = run_method("topk", [((q, k, v, ctx), {"attn_mask": mask})], density=1.0)
+        assert messages == [] and method.sparse_calls == 1
+        torch.testing.assert_close(out, dense_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+    method, (out,), messages = run_method("tile_window", [((q, k, v, ctx), {"attn_mask": keep.view(2, 1, 1, -1)})])
+    assert messages == [] and method.sparse_calls == 1 and torch.isfinite(out).all()
+
+
+def test_dense_warmup_steps_and_dense_first_layers():
+    q, k, v = qkv(48)
+    calls = [((q, k, v, make_ctx(step=1, num_steps=10)), {}),  # 10% of the loop done: warm-up (20%)
+             ((q, k, v, make_ctx(step=2, num_steps=10, layer=0)), {}),  # first layer: dense
+             ((q, k, v, make_ctx(step=2, num_steps=10, layer=1)), {})]  # sparse
+    method, outs, messages = run_method("tile_window", calls, dense_warmup=0.2, dense_layers=1)
+    assert messages == [] and method.dense_calls == 2 and method.sparse_calls == 1
+    assert torch.equal(outs[0], dense_attention(q, k, v)) and torch.equal(outs[1], dense_attention(q, k, v))
+    table = method.density_table()
+    assert table[(1, 3)] == 1.0 and table[(2, 0)] == 1.0 and table[(2, 1)] < 1.0
+    counters = method.counters()
+    assert counters["calls"] == 3 and counters["density_by_step"][0] == 1.0
+    assert counters["mean_density"] == pytest.approx((2 + table[(2, 1)]) / 3, abs=1e-4)
+
+
+def test_auto_backend_matches_the_torch_reference():
+    """On CPU ``backend="auto"`` runs compiled FlexAttention (one compile, several seconds)."""
+    q, k, v = qkv(48 + 16)
+    ctx = make_ctx(text=16, position="prefix")
+    auto = TopKAttention(sparse_config("topk", 0.3, backend="auto")).run(q, k, v, ctx)
+    reference = TopKAttention(sparse_config("topk", 0.3)).run(q, k, v, ctx)
+    torch.testing.assert_close(auto, reference, atol=1e-5, rtol=1e-5)
