@@ -1,0 +1,110 @@
+"""The reference model's build, training conventions and a tiny end-to-end training run."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from pipelines.reference import build, data
+from pipelines.reference import train as T
+
+TINY = {"vae_base_dim": 4, "vae_z_dim": 4, "num_heads": 1, "head_dim": 32, "ffn_dim": 32, "num_layers": 1,
+        "text_d_model": 16, "text_d_ff": 32, "text_heads": 2, "text_layers": 1}
+
+
+def test_default_config_gives_at_least_1024_video_tokens():
+    cfg = build.ReferenceConfig()
+    d = build.REFERENCE_DEFAULTS
+    latent = ((d["num_frames"] - 1) // 4 + 1, d["height"] // cfg.spatial_factor, d["width"] // cfg.spatial_factor)
+    pt, ph, pw = cfg.patch_size
+    tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+    assert latent == (8, 16, 32) and tokens == 1024
+    assert cfg.head_dim in (64, 128)  # what the attention kernels target
+
+
+def test_single_pass_vae_equals_the_chunked_wan_path():
+    torch.manual_seed(0)
+    vae = build.build_components(build.ReferenceConfig(vae_base_dim=4, vae_z_dim=4))["vae"].eval()
+    with torch.no_grad():  # move off the initialisation so every layer matters
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.rand(2, 3, 9, 16, 32) * 2 - 1  # first chunk + two cached chunks
+    z = torch.randn(2, 4, 4, 4, 8)
+    with torch.no_grad():
+        ref_enc = vae.encode(x).latent_dist.mean
+        ref_dec = vae.decode(z).sample
+        fast_enc = build.fast_encode(vae, x).mean
+        fast_dec = build.fast_decode(vae, z)
+    assert torch.allclose(ref_enc, fast_enc, atol=1e-4)
+    assert torch.allclose(ref_dec, fast_dec, atol=1e-4)
+    assert "forward" not in vars(next(m for m in vae.modules() if type(m).__name__ == "WanResample"))
+
+
+def _tiny_pipe():
+    torch.manual_seed(0)
+    return build.build_reference_pipeline(build.ReferenceConfig(**TINY))
+
+
+def test_training_text_embeddings_equal_the_pipeline_ones():
+    pipe = _tiny_pipe()
+    prompts = [data.caption(data.all_specs()[5]), ""]
+    expected, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                     max_sequence_length=T.TEXT_LEN)
+    ids, mask = T.caption_tokens(pipe.tokenizer, prompts, "cpu")
+    with torch.no_grad():
+        got = T.encode_text(pipe.text_encoder, ids, mask)
+    assert got.shape == expected.shape == (2, 512, TINY["text_d_model"])
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["pipeline", "euler"])
+def test_training_target_matches_the_schedulers_convention(which):
+    """A model that returns the exact velocity noise - x0 of a single data point
+    (= (x_t - x0) / sigma) must lead the sampler to x0: this pins the training
+    target, its sign and timestep = 1000 * sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = _tiny_pipe().scheduler if which == "pipeline" else FlowMatchEulerDiscreteScheduler(shift=3.0)
+    torch.manual_seed(0)
+    x0 = torch.randn(1, 4, 2, 4, 8)
+    lat = torch.randn_like(x0)
+    sched.set_timesteps(12)
+    for i, t in enumerate(sched.timesteps):
+        sigma = sched.sigmas[i]
+        assert abs(float(t) / 1000 - float(sigma)) < 2e-3  # the model sees 1000 * sigma
+        lat = sched.step((lat - x0) / sigma, t, lat, return_dict=False)[0]
+    assert torch.allclose(lat, x0, atol=1e-4)
+
+
+def test_load_reference_pipeline_without_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        build.load_reference_pipeline(str(tmp_path))
+
+
+def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
+    from diffusers import WanPipeline
+
+    out = tmp_path / "ref"
+    log = T.main(["--out", str(out), "--device", "cpu", "--max-steps", "2", "--num-frames", "5",
+                  "--height", "16", "--width", "32", "--vae-batch", "1", "--dit-batch", "2",
+                  "--dataset-clips", "2", "--encode-batch", "2", "--eval-prompts", "0",
+                  "--config", json.dumps(TINY)])
+    assert log["vae"]["steps"] == 2 and log["dit"]["steps"] == 2
+    saved = json.load(open(out / "train_log.json"))
+    assert saved["seed"] == 0 and "wall_seconds" in saved and saved["dataset"]["latent_shape"] == [4, 2, 4, 8]
+    pipe = WanPipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe.vae.config.latents_std == saved["dataset"]["latents_std"]
+    frames = build.generate(pipe, data.caption(data.held_out_specs()[0]), height=16, width=32,
+                            num_frames=5, num_inference_steps=2)
+    assert frames.shape == (5, 16, 32, 3) and 0 <= frames.min() and frames.max() <= 1
+    assert os.path.getsize(out / "transformer" / "diffusion_pytorch_model.safetensors") < 25e6
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(build.WEIGHTS_DIR, "model_index.json")),
+                    reason="no trained reference weights shipped yet")
+def test_shipped_reference_pipeline_generates():
+    pipe = build.load_reference_pipeline()
+    frames = build.generate(pipe, num_inference_steps=2)
+    d = build.REFERENCE_DEFAULTS
+    assert frames.shape == (d["num_frames"], d["height"], d["width"], 3)
