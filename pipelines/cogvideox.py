@@ -22,7 +22,7 @@ class CogVideoXAdapter(ModelAdapter):
     joint_text = "prefix"
     teacache_coefficients = (-1.53880483e03, 8.43202495e02, -1.34363087e02, 7.97131516e00, -5.23162339e-02)
     presets = family_presets()
-    default_preset = "dense"
+    default_preset = "quality"
 
     def teacache_input(self, first_block, block_args, captured=None):
         # The CogVideoX coefficients were fitted on the time embedding the blocks receive as ``temb``.

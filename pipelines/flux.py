@@ -23,7 +23,7 @@ class FluxAdapter(ModelAdapter):
     joint_text = "prefix"
     teacache_coefficients = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
     presets = family_presets()
-    default_preset = "dense"
+    default_preset = "quality"
 
     def teacache_input(self, first_block, block_args, captured=None):
         # The timestep-modulated, normed image stream of the first dual block (norm1 -> x * (1 + scale) + shift).

@@ -23,7 +23,7 @@ class HunyuanVideoAdapter(ModelAdapter):
     joint_text = "suffix"
     teacache_coefficients = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
     presets = family_presets()
-    default_preset = "dense"
+    default_preset = "quality"
 
     def teacache_input(self, first_block, block_args, captured=None):
         # The timestep-modulated, normed video stream of the first dual block. The image-to-video

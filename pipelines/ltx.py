@@ -22,7 +22,7 @@ class LTXVideoAdapter(ModelAdapter):
     block_io = {"transformer_blocks": BlockIO(streams=("hidden_states",), returns=("hidden_states",))}
     teacache_coefficients = (2.14700694e01, -1.28016453e01, 2.31279151e00, 7.92487521e-01, 9.69274326e-03)
     presets = family_presets()
-    default_preset = "dense"
+    default_preset = "quality"
 
     def teacache_input(self, first_block, block_args, captured=None):
         # The first block's self-attention input: norm1(x) * (1 + scale_msa) + shift_msa, with the
