@@ -11,7 +11,6 @@ import sys
 from typing import List, Optional
 
 RESERVED = {
-    "bench": "benchmarks (attention kernels, caching, solvers)",  # `bench attention` works now
     "eval": "quality evaluation against the dense output",
 }
 
@@ -98,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "calibrations for a registered model")
 
     for name, what in RESERVED.items():
-        if name == "bench":
-            continue
         p = sub.add_parser(name, help=f"(coming) {what}")
         p.set_defaults(func=lambda args, name=name: _not_yet(name))
     return parser
