@@ -1,9 +1,15 @@
 import pytest
 import torch
 
-# One thread: tiny models gain nothing from two, and on shared 2-core CI machines two threads
-# contend with each other (tiny pipeline runs measured 30-100x slower under load).
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs single-threaded: the tiny models are all small ops, and on shared 2-core
+    machines OpenMP workers contend (tiny pipeline runs measured 10-100x slower with 2 threads)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def pipeline_output(pipe, kwargs):

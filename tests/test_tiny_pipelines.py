@@ -27,16 +27,6 @@ EXPECTED_CLASS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # These models are tiny; on a shared 2-core box intra-op threading mostly
-    # adds contention (10x slowdowns observed), so run single-threaded.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------- tokenizer
 
 

@@ -12,16 +12,6 @@ from attention.patterns.tile_window import tile_window_mask
 from attention.reorder import AXIS_ORDERS
 
 BLOCK = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small ops only: on 2 shared cores OpenMP barriers cost more than the work (see test_sparse_methods)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 GRID = (4, 8, 8)  # 256 visual tokens, 16 blocks of 16
 
 

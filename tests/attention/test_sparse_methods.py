@@ -12,16 +12,6 @@ from attention.sparse import (ClusterConfig, RadialConfig, SpatiotemporalConfig,
                               TopKConfig)
 from pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny models are all small ops; on 2 shared cores OpenMP barriers cost more than the ops
-    themselves (runs measured 10-100x slower with 2 threads under load), so run these serially."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CONFIGS = {"spatiotemporal": SpatiotemporalConfig, "radial": RadialConfig, "tile_window": TileWindowConfig,
            "topk": TopKConfig, "cluster": ClusterConfig}
 STEPS = 2

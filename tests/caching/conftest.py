@@ -5,16 +5,6 @@ from caching.indicators import Rule
 from pipelines.tiny import tiny_call_kwargs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared, busy cores spinning OpenMP
-    workers made these tests ~50x slower; run them single-threaded, then restore."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def run_latents(pipe, family, steps=6, **overrides):
     """Final latents of one tiny-pipeline run (the VAE decode tells nothing about the transformer)."""
     out = pipe(**{**tiny_call_kwargs(family, steps=steps), "output_type": "latent", **overrides})
