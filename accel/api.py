@@ -179,15 +179,20 @@ def _release_previous(pipe: Any, replace: bool) -> None:
     previous.remove()
 
 
+def check_preset(adapter: ModelAdapter, preset_name: str) -> None:
+    """``ValueError`` listing the family's presets unless ``preset_name`` is one of them."""
+    if preset_name not in adapter.presets:
+        raise ValueError(f"unknown preset {preset_name!r} for {adapter.family}; "
+                         f"valid presets: {', '.join(adapter.presets)}")
+
+
 def _resolve_parts(adapter: ModelAdapter, config: Config) -> Tuple[Optional[str], Dict[str, Any]]:
     preset_name = config.preset
     if preset_name is None and not config.has_parts:
         preset_name = adapter.default_preset
     parts: Dict[str, Any] = {kind: None for kind in KINDS}
     if preset_name is not None:
-        if preset_name not in adapter.presets:
-            raise ValueError(f"unknown preset {preset_name!r} for {adapter.family}; "
-                             f"valid presets: {', '.join(adapter.presets)}")
+        check_preset(adapter, preset_name)
         for kind in KINDS:
             parts[kind] = resolve_method(kind, adapter.presets[preset_name].get(kind))
     for kind in KINDS:

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import torch
 
 import accel
-from accel.api import adapter_for
+from accel.api import adapter_for, check_preset
 
 from .metrics import psnr, ssim
 from .video_io import side_by_side, to_uint8_frames, write_video
@@ -105,8 +105,10 @@ def run_demo(options: DemoOptions) -> Dict[str, Any]:
     if adapter is None:
         raise DemoError(f"{type(pipe).__name__} is not supported; see `accel list` for supported families")
     preset = options.preset or adapter.default_preset
-    if preset not in adapter.presets:
-        raise DemoError(f"unknown preset {preset!r} for {adapter.family}; valid presets: {', '.join(adapter.presets)}")
+    try:
+        check_preset(adapter, preset)
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
     kwargs = call_kwargs(pipe, options)
     if options.steps is not None and options.steps < 1:
         raise DemoError(f"--steps must be >= 1, got {options.steps}")
