@@ -1,7 +1,7 @@
 """The ``accel`` command line.
 
-``accel list [--json]``, ``accel demo``, ``accel bench attention`` and ``accel calibrate`` work now;
-``eval`` (and the other benchmarks) are reserved for the work that brings them, and say so.
+``accel list [--json]``, ``accel demo``, ``accel bench attention|cache|solvers|sparse`` and
+``accel calibrate`` work now; ``eval`` is reserved for the work that brings it, and says so.
 """
 from __future__ import annotations
 
@@ -47,10 +47,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from eval.bench_attention_kernels import main as bench_attention
+# `accel bench TARGET ...` -> the benchmark module whose main(argv) takes the rest of the line.
+BENCHMARKS = {
+    "attention": "eval.bench_attention_kernels",
+    "cache": "eval.bench_cache",
+    "solvers": "eval.bench_solvers",
+    "sparse": "eval.bench_sparse_quality",
+}
 
-    return int(bench_attention(args.rest) or 0)
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(BENCHMARKS[args.target]).main(args.rest) or 0)
 
 
 def _calibrate(rest: List[str]) -> int:
@@ -86,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--width", type=int)
     p_demo.add_argument("--frames", type=int, help="number of frames (video pipelines)")
     p_demo.set_defaults(func=_cmd_demo)
-    p_bench = sub.add_parser("bench", help="benchmarks; `accel bench attention --json OUT [--device cuda|cpu]`")
-    p_bench.add_argument("target", choices=["attention"], help="what to benchmark")
+    p_bench = sub.add_parser("bench", help="benchmarks: `accel bench TARGET --json OUT` (TARGET --help for options)")
+    p_bench.add_argument("target", choices=sorted(BENCHMARKS), help="what to benchmark")
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help there)")
     p_bench.set_defaults(func=_cmd_bench)
 

@@ -44,6 +44,8 @@ def resolve_method(kind: str, spec: Any) -> Optional[Tuple[Type, Any]]:
     registry = method_registry(kind)
     if spec is None or (isinstance(spec, str) and spec in OFF):
         return None
+    if isinstance(spec, str) and "+" in spec:
+        return _resolve_suffixed(kind, spec)
     if isinstance(spec, str):
         return registry.get(spec), None
     if isinstance(spec, dict):  # preset entries: {"name": ..., **params}
@@ -51,6 +53,8 @@ def resolve_method(kind: str, spec: Any) -> Optional[Tuple[Type, Any]]:
         name = params.pop("name", None)
         if name is None:
             raise ValueError(f"{kind} preset entry needs a 'name', got {spec!r}")
+        if isinstance(name, str) and "+" in name:
+            return _resolve_suffixed(kind, name, params)
         cls = registry.get(name)
         return cls, cls.Config(**params)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
@@ -60,3 +64,25 @@ def resolve_method(kind: str, spec: Any) -> Optional[Tuple[Type, Any]]:
     valid = ", ".join(registry.names()) or "(none yet)"
     raise ValueError(f"{kind} must be a method name ({valid}), one of their config objects, or None/'off'; "
                      f"got {spec!r}")
+
+
+QUANTIZE_SUFFIXES = ("int8",)
+
+
+def _takes_quantize(cls: Type) -> bool:
+    return dataclasses.is_dataclass(cls.Config) and "quantize" in {f.name for f in dataclasses.fields(cls.Config)}
+
+
+def _resolve_suffixed(kind: str, spec: str, params: Optional[dict] = None) -> Tuple[Type, Any]:
+    """``"radial+int8"``: a sparse pattern whose config's ``quantize`` is the suffix."""
+    name, _, suffix = spec.partition("+")
+    registry = method_registry(kind)
+    cls = registry.get(name)
+    if not _takes_quantize(cls):
+        takers = ", ".join(n for n, c in registry.items() if _takes_quantize(c)) or "(none)"
+        raise ValueError(f"{kind} {spec!r}: only {takers} take a '+quantize' suffix "
+                         f"(quantized dense attention is 'int8')")
+    if suffix not in QUANTIZE_SUFFIXES:
+        raise ValueError(f"{kind} {spec!r}: quantize suffix must be one of "
+                         f"{', '.join(map(repr, QUANTIZE_SUFFIXES))}, got {suffix!r}")
+    return cls, cls.Config(**{**(params or {}), "quantize": suffix})

@@ -5,6 +5,8 @@ dense first layers, reasons to fall back (no grid, a mask that is not text paddi
 the dtype/head dim/device), text padding handled by dropping the padded keys, the block-sparse
 kernel between the pattern's permutation and its inverse, and density counters for
 ``Handle.summary()``. Each registered method only names its pattern and config.
+``quantize="int8"`` on any pattern's config runs its sparse calls on the INT8 kernel instead
+(``attention.quantized`` explains the precision choices and the CPU fallback).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 
 from accel.base.context import AttnContext
 from accel.base.registry import ATTENTION_METHODS
-from attention.kernels import block_sparse_attention, triton_supported
+from attention.kernels import (block_sparse_attention, quant_triton_supported, quantized_block_sparse_attention,
+                               triton_supported)
 
 from .base import AttentionMethod
 from .intercept import dense_attention
@@ -37,6 +40,21 @@ def kernel_unsupported(q: torch.Tensor, backend: str) -> Optional[str]:
         if not ok:
             return f"Triton block-sparse kernel: {why}"
     return None
+
+
+def quantized_unsupported(q: torch.Tensor, backend: str, pv: str) -> Optional[str]:
+    """Why INT8 attention cannot run q, or None. Only the Triton kernel is fast; the torch
+    simulation runs anywhere but only when asked for (backend="torch"), so "auto" off CUDA is a
+    reason to fall back rather than a silent slowdown."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} has no INT8 attention (fp16, bf16, fp32)"
+    if backend == "torch":
+        return None
+    if backend == "auto" and q.device.type != "cuda":
+        return (f"INT8 attention runs on CUDA, not {q.device.type} "
+                "(backend='torch' runs its simulated-quantization reference instead)")
+    ok, why = quant_triton_supported(q, pv)
+    return None if ok else f"INT8 Triton kernel: {why}"
 
 
 def text_padding_keep(attn_mask: torch.Tensor, geom: Geometry, batch: int, kv_len: int
@@ -76,6 +94,8 @@ class SparseAttention(AttentionMethod):
         self.pattern = self.Pattern(config)
         self.sparse_calls = 0
         self.dense_calls = 0  # warm-up steps and dense first layers
+        self.quantized_calls = 0
+        self.full_precision_calls = 0  # sparse calls that quantize="int8" kept unquantized
         self._density: Dict[Tuple[int, int], List[Any]] = {}  # (step, layer) -> [sum, calls]
         self._prepared: Optional[tuple] = None  # (q, geometry, text keep) from unsupported() for attend()
 
@@ -103,11 +123,25 @@ class SparseAttention(AttentionMethod):
         if q.shape[1] != k.shape[1]:
             return None, None, f"query length {q.shape[1]} differs from key length {k.shape[1]}"
         geom, reason = geometry_of(q.shape[1], ctx.layout)
-        reason = reason or self.pattern.unsupported(geom) or kernel_unsupported(q, self.config.backend)
+        reason = reason or self.pattern.unsupported(geom) or self._kernel_unsupported(q, ctx)
         if reason is None and attn_mask is not None:
             keep, reason = text_padding_keep(attn_mask, geom, q.shape[0], k.shape[1])
             return geom, keep, reason
         return geom, None, reason
+
+    def _kernel_unsupported(self, q, ctx: AttnContext) -> Optional[str]:
+        if self.dense_now(ctx):
+            return None  # dense calls need no kernel
+        if self.quantize_now(ctx):
+            return quantized_unsupported(q, self.config.backend, self.config.pv)
+        return kernel_unsupported(q, self.config.backend)
+
+    def quantize_now(self, ctx: AttnContext) -> bool:
+        """INT8 for this sparse call: quantize is on, and neither a full-precision layer nor step."""
+        if self.config.quantize == "none" or ctx.layer_index < self.config.full_precision_layers:
+            return False
+        progress = ctx.step.progress
+        return progress is None or progress >= self.config.full_precision_steps
 
     def dense_now(self, ctx: AttnContext) -> bool:
         """Dense first layers, and dense warm-up steps (by step_index / num_steps when known)."""
@@ -126,6 +160,7 @@ class SparseAttention(AttentionMethod):
             geom, keep, reason = self._prepare(q, k, ctx, attn_mask)
             if reason is not None:
                 raise ValueError(f"{self.name}: {reason}")
+        quantize = self.quantize_now(ctx)
         outputs, densities = [], []
         for rows, kept in self._batch_groups(q.shape[0], keep):
             group_geom = geom if kept is None else dataclasses.replace(
@@ -133,11 +168,19 @@ class SparseAttention(AttentionMethod):
             qg, kg, vg = (x if rows is None else x[rows] for x in (q, k, v))
             plan = self.pattern.block_layout(qg, kg, ctx, group_geom, scale)
             perm = plan.permutation
-            out = block_sparse_attention(perm.permute_q(qg), perm.permute_kv(kg), perm.permute_kv(vg),
-                                         plan.layout, scale=scale, backend=self.config.backend)
+            inputs = (perm.permute_q(qg), perm.permute_kv(kg), perm.permute_kv(vg), plan.layout)
+            if quantize:
+                out = quantized_block_sparse_attention(*inputs, scale=scale, pv=self.config.pv,
+                                                       backend=self.config.backend)
+            else:
+                out = block_sparse_attention(*inputs, scale=scale, backend=self.config.backend)
             outputs.append(perm.restore(out))
             densities.append(plan.density)
         self.sparse_calls += 1
+        if quantize:
+            self.quantized_calls += 1
+        elif self.config.quantize != "none":
+            self.full_precision_calls += 1
         self._record(ctx, sum(densities) / len(densities))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
@@ -177,6 +220,8 @@ class SparseAttention(AttentionMethod):
             "dense_calls": self.dense_calls,
             "mean_density": round(total / calls, 4) if calls else None,
             "density_by_step": [round(s / c, 3) for s, c in per_step.values()],
+            **({"quantized_calls": self.quantized_calls, "full_precision_calls": self.full_precision_calls}
+               if self.config.quantize != "none" else {}),
             **self.pattern.counters(),
         }
 

@@ -9,6 +9,12 @@ each query block's diagonal key block (so no row is empty), then times:
   triton      our block-sparse kernel (CUDA only)
   flex        compiled FlexAttention with the same block mask
   sdpa_flash, sdpa_cudnn   dense torch SDPA backends (once per shape, density 1.0)
+  triton_int8     our quantized kernel, INT8 QK^T, PV in the input dtype (CUDA only)
+  triton_int8fp8  the same with P and V in FP8 (CUDA capability 8.9+ only)
+  sageattention   the PyPI package's sageattn, dense, when it imports (CUDA only)
+Quantized rows also carry cosine_vs_fp32 / rel_l1_vs_fp32: their output against exact fp32
+attention under the same layout, on the spot-checked query blocks; the quantization pre-pass
+(unfused torch) is inside their timed call.
 tflops_effective counts only the kept score entries (4 * D flops each, QK^T
 and PV), so a sparse run is credited with the work it really does;
 speedup_vs_sdpa is the best dense SDPA time of the same run divided by ms.
@@ -29,8 +35,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention.kernels import (BlockLayout, block_sparse_attention_flex, block_sparse_attention_reference,
-                               block_sparse_attention_triton, triton_supported)
+from attention.kernels import (BlockLayout, block_sparse_attention_flex, block_sparse_attention_quant_triton,
+                               block_sparse_attention_reference, block_sparse_attention_triton, fp8_supported,
+                               quant_triton_supported, quantized_attention_reference, triton_supported)
 
 try:
     import triton
@@ -82,17 +89,55 @@ def _sdpa_backends(device: str):
             if hasattr(SDPBackend, attr) and (device == "cuda" or name == "sdpa_flash")}
 
 
-def _spot_check_error(out: torch.Tensor, q, k, v, layout: BlockLayout) -> float:
-    """Max |out - reference| over the first, middle and last query blocks (the
-    last one is ragged at Wan lengths); the dense reference of the whole
-    sequence would not fit in memory."""
-    worst = 0.0
+def _spot_blocks(out: torch.Tensor, q, k, v, layout: BlockLayout, reference):
+    """(out rows, reference rows) over the first, middle and last query blocks (the last one
+    is ragged at Wan lengths); the reference of the whole sequence would not fit in memory.
+    Query tiles never straddle layout blocks, so a sliced quantized reference sees the same
+    Q quantization blocks as the full call."""
+    got, expected = [], []
     for block in sorted({0, layout.num_q_blocks // 2, layout.num_q_blocks - 1}):
         part = layout.query_block_slice(block, block + 1)
         rows = slice(block * layout.block_q, block * layout.block_q + part.q_len)
-        expected = block_sparse_attention_reference(q[:, rows], k, v, part)
-        worst = max(worst, (out[:, rows].float() - expected.float()).abs().max().item())
-    return worst
+        got.append(out[:, rows].float())
+        expected.append(reference(q[:, rows], k, v, part).float())
+    return torch.cat(got, dim=1), torch.cat(expected, dim=1)
+
+
+def _spot_check_error(out: torch.Tensor, q, k, v, layout: BlockLayout, reference=None) -> float:
+    """Max |out - reference| over the spot-checked query blocks."""
+    got, expected = _spot_blocks(out, q, k, v, layout, reference or block_sparse_attention_reference)
+    return (got - expected).abs().max().item()
+
+
+def _accuracy_vs_fp32(out: torch.Tensor, q, k, v, layout: BlockLayout) -> dict:
+    """Cosine similarity and relative L1 error against exact fp32 attention (spot blocks)."""
+    def exact(qs, ks, vs, part):
+        return block_sparse_attention_reference(qs.float(), ks.float(), vs.float(), part)
+    got, expected = (x.double().flatten() for x in _spot_blocks(out, q, k, v, layout, exact))
+    return {"cosine_vs_fp32": torch.nn.functional.cosine_similarity(got, expected, dim=0).item(),
+            "rel_l1_vs_fp32": ((got - expected).abs().sum() / expected.abs().sum()).item()}
+
+
+def _quantized_candidates(q, k, v, layout: BlockLayout) -> dict:
+    """backend -> (call, simulated reference) for the quantized kernel's PV modes this device runs."""
+    candidates = {}
+    for backend, pv in (("triton_int8", "input"), ("triton_int8fp8", "fp8")):
+        if q.device.type != "cuda" or not quant_triton_supported(q, pv)[0]:
+            continue
+        if pv == "fp8" and not fp8_supported(q.device):
+            continue
+        candidates[backend] = (lambda pv=pv: block_sparse_attention_quant_triton(q, k, v, layout, pv=pv),
+                               lambda qs, ks, vs, part, pv=pv: quantized_attention_reference(qs, ks, vs, part, pv=pv))
+    return candidates
+
+
+def _sageattention():
+    """The PyPI sageattention's sageattn, or None when it does not import."""
+    try:
+        from sageattention import sageattn
+    except Exception:  # absent, or built for another torch/CUDA: no row, not a failure
+        return None
+    return sageattn
 
 
 def run_attention_kernel_bench(device: str, shapes: list, densities=(1.0, 0.5, 0.25, 0.1),
@@ -137,17 +182,32 @@ def run_attention_kernel_bench(device: str, shapes: list, densities=(1.0, 0.5, 0
             add_row(backend, 1.0, ms)
         del qt, kt, vt
 
+        sageattn = _sageattention() if device == "cuda" else None
+        if sageattn is not None:
+            def run_sage():
+                return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+            try:
+                with torch.no_grad():
+                    full = BlockLayout.full(shape["block"], shape["block"], seq, seq, device)
+                    extra = _accuracy_vs_fp32(run_sage(), q, k, v, full)
+                    add_row("sageattention", 1.0, _time_ms(run_sage, device, repeats), **extra)
+            except Exception as error:  # an old Triton kernel may not compile on this GPU/Triton
+                print(f"[{shape_name}] sageattention unavailable: {str(error).splitlines()[0][:120]}")
+
         for density in densities:
             layout = random_layout(seq, heads, shape["block"], density, device)
             kept = layout.density()
-            candidates = {"flex": lambda: block_sparse_attention_flex(q, k, v, layout)}
+            candidates = {"flex": (lambda: block_sparse_attention_flex(q, k, v, layout), None)}
             if triton_supported(q)[0]:
-                candidates["triton"] = lambda: block_sparse_attention_triton(q, k, v, layout)
-            for backend, fn in candidates.items():
+                candidates["triton"] = (lambda: block_sparse_attention_triton(q, k, v, layout), None)
+            candidates.update(_quantized_candidates(q, k, v, layout))
+            for backend, (fn, reference) in candidates.items():
                 with torch.no_grad():
                     out = fn()
-                    error = _spot_check_error(out, q, k, v, layout)
+                    error = _spot_check_error(out, q, k, v, layout, reference)
                     extra = {"max_abs_err_vs_reference": error}
+                    if reference is not None:
+                        extra.update(_accuracy_vs_fp32(out, q, k, v, layout))
                     if density == 1.0 and sdpa_out is not None:
                         extra["max_abs_err_vs_sdpa"] = (out.float() - sdpa_out.float()).abs().max().item()
                     del out
@@ -167,12 +227,12 @@ def run_attention_kernel_bench(device: str, shapes: list, densities=(1.0, 0.5, 0
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'shape':8} {'backend':11} {'density':>7} {'ms':>10} {'TFLOP/s':>8} {'vs sdpa':>7} {'max err':>9}"
+    header = f"{'shape':8} {'backend':14} {'density':>7} {'ms':>10} {'TFLOP/s':>8} {'vs sdpa':>7} {'max err':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         err = r.get("max_abs_err_vs_reference")
         speedup = f"{r['speedup_vs_sdpa']:.2f}x" if r["speedup_vs_sdpa"] else "-"
-        lines.append(f"{r['shape']:8} {r['backend']:11} {r['density']:7.3f} {r['ms']:10.3f} "
+        lines.append(f"{r['shape']:8} {r['backend']:14} {r['density']:7.3f} {r['ms']:10.3f} "
                      f"{r['tflops_effective']:8.2f} {speedup:>7} {'-' if err is None else f'{err:.2e}':>9}")
     return "\n".join(lines)
 

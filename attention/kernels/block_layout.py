@@ -9,7 +9,7 @@ index list is what makes skipping blocks free.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,10 @@ class BlockLayout:
     kv_counts: int32 (B|1, H|1, num_q_blocks); 0 means the query block attends
         nothing and its rows produce exactly zero.
     Size-1 batch/head dims broadcast over the attention inputs.
+    trusted: skip the checks of index and count values. They read tensors back to
+        the host (about five device syncs), which stalls a GPU pipeline when
+        dynamic patterns build a layout per call; only the constructors below,
+        whose output is valid by construction, set it.
     """
 
     kv_indices: torch.Tensor
@@ -56,6 +60,7 @@ class BlockLayout:
     block_k: int
     q_len: int
     kv_len: int
+    trusted: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "q_len", "kv_len"):
@@ -82,7 +87,7 @@ class BlockLayout:
                 f"with block_q={self.block_q} needs {self.num_q_blocks}"
             )
         max_kv_blocks = self.kv_indices.shape[3]
-        if self.kv_counts.numel():
+        if self.kv_counts.numel() and not self.trusted:
             if int(self.kv_counts.min()) < 0 or int(self.kv_counts.max()) > max_kv_blocks:
                 raise ValueError(f"kv_counts: values must lie in [0, {max_kv_blocks}]")
             valid = torch.arange(max_kv_blocks, device=self.kv_counts.device) < self.kv_counts.unsqueeze(-1)
@@ -113,8 +118,12 @@ class BlockLayout:
         expected = (math.ceil(q_len / block_q), math.ceil(kv_len / block_k))
         if tuple(mask.shape[2:]) != expected:
             raise ValueError(f"mask: block grid {tuple(mask.shape[2:])} does not match {expected}")
-        indices, counts = dense_block_mask_to_indices(mask)
-        return cls(indices, counts, block_q, block_k, q_len, kv_len)
+        # On a GPU, sizing the index list by the largest row count would read it back to the
+        # host; listing room for every key block costs a little memory and no sync.
+        width = mask.shape[-1] if mask.device.type == "cuda" else None
+        indices, counts = dense_block_mask_to_indices(mask, width=width)
+        # Sorted, unique, in-range entries by construction: no value checks needed.
+        return cls(indices, counts, block_q, block_k, q_len, kv_len, trusted=True)
 
     @classmethod
     def full(cls, block_q: int, block_k: int, q_len: int, kv_len: int, device=None):
@@ -159,7 +168,7 @@ class BlockLayout:
     def to(self, device) -> "BlockLayout":
         """Copy to a device once, so kernels do not copy the index lists per call."""
         return BlockLayout(self.kv_indices.to(device), self.kv_counts.to(device),
-                           self.block_q, self.block_k, self.q_len, self.kv_len)
+                           self.block_q, self.block_k, self.q_len, self.kv_len, trusted=self.trusted)
 
     def query_block_slice(self, start: int, stop: int) -> "BlockLayout":
         """Layout for query blocks [start, stop), i.e. query tokens
@@ -170,7 +179,7 @@ class BlockLayout:
             raise ValueError(f"start: need 0 <= start < stop <= {self.num_q_blocks}, got [{start}, {stop})")
         q_len = min(stop * self.block_q, self.q_len) - start * self.block_q
         return BlockLayout(self.kv_indices[:, :, start:stop].contiguous(), self.kv_counts[:, :, start:stop].contiguous(),
-                           self.block_q, self.block_k, q_len, self.kv_len)
+                           self.block_q, self.block_k, q_len, self.kv_len, trusted=self.trusted)
 
     def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Raise ValueError unless q (B, Sq, H, D), k/v (B, Sk, H, D) fit this layout."""

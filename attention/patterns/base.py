@@ -20,6 +20,16 @@ from attention.kernels import BlockLayout
 from attention.reorder import TokenPermutation, identity_order, place_text
 
 BACKENDS = ("auto", "triton", "flex", "torch")
+QUANTIZE = ("none", "int8")
+PV_MODES = ("input", "fp8", "auto")
+QUANT_BACKENDS = ("auto", "triton", "torch")  # no FlexAttention path for INT8
+
+
+def check_quantization(owner: str, config) -> None:
+    """The step-aware precision knobs shared by ``int8`` and the sparse patterns' ``quantize``."""
+    check_choice(owner, "pv", config.pv, PV_MODES)
+    check_range(owner, "full_precision_steps", config.full_precision_steps, 0.0, 1.0)
+    check_range(owner, "full_precision_layers", config.full_precision_layers, 0, None, integer=True)
 
 
 def check_triple(owner: str, field: str, value, low: int) -> None:
@@ -41,6 +51,10 @@ class PatternConfig:
     dense_layers: the first attention layers run densely.
     block_size: tokens per query and key block (a power of two; kernels tile by it).
     backend: block-sparse backend ("auto": Triton on CUDA, compiled FlexAttention on CPU).
+    quantize: "int8" runs the sparse calls on the INT8 kernel (``attention.quantized``); with it,
+        pv ("input": P and V in the input dtype, "fp8", "auto": fp8 on sm89+), and the sparse
+        calls that stay unquantized: the first full_precision_steps fraction of steps and the
+        first full_precision_layers layers (the dense warm-up and dense layers are unquantized too).
     """
 
     density: float = 0.25
@@ -48,6 +62,10 @@ class PatternConfig:
     dense_layers: int = 1
     block_size: int = 128
     backend: str = "auto"
+    quantize: str = "none"
+    pv: str = "input"
+    full_precision_steps: float = 0.0
+    full_precision_layers: int = 0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -58,6 +76,11 @@ class PatternConfig:
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"{owner}.block_size must be a power of two in [16, 1024], got {self.block_size!r}")
         check_choice(owner, "backend", self.backend, BACKENDS)
+        check_choice(owner, "quantize", self.quantize, QUANTIZE)
+        check_quantization(owner, self)
+        if self.quantize != "none" and self.backend not in QUANT_BACKENDS:
+            raise ValueError(f"{owner}.backend must be one of {', '.join(map(repr, QUANT_BACKENDS))} with "
+                             f"quantize={self.quantize!r}, got {self.backend!r}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -167,17 +167,32 @@ def encode_dataset(vae, args, device, gen, autocast):
 
 
 @torch.no_grad()
-def vae_check(vae, args, device, gen, autocast, n=16) -> dict:
+def vae_check(vae, args, device, gen, autocast, n=32) -> dict:
     """PSNR of held-out clips through the pipeline's own (chunked) encode/decode, and
     the largest gap between that path and the single-pass one used for training."""
-    x, _ = render_batch(n, args.num_frames, args.height, args.width, gen, device, held_out=True)
+    x, idx = render_batch(n, args.num_frames, args.height, args.width, gen, device, held_out=True)
     with autocast():
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
     mse = ((rec - x) / 2).pow(2).mean(dim=(1, 3, 4))  # per clip, per frame, on [0, 1]
     psnr = float((10 * torch.log10(1 / mse.clamp(min=1e-10))).mean())
     x2 = x[:2].float()
     gap = (vae.encode(x2).latent_dist.mean - fast_encode(vae, x2).mean).abs().max()
-    return {"heldout_psnr_db": round(psnr, 2), "single_pass_gap": float(gap)}
+    result = {"heldout_psnr_db": round(psnr, 2), "single_pass_gap": float(gap)}
+    # PSNR hides the failure that matters: a VAE that keeps the backgrounds and blurs the small
+    # shape away scores ~24 dB, and then no DiT can follow its prompts (first H100 run: the judge
+    # read only 12% of reconstructed real clips correctly). The judge on reconstructions is the
+    # ceiling of the model's prompt accuracy.
+    try:
+        from pipelines.reference import judge as J
+
+        judge = J.load_judge()
+    except FileNotFoundError:
+        return result
+    specs = [data.spec_from_index(i.tolist()) for i in idx]
+    videos = ((rec.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).cpu()
+    result["judge_on_reconstructions"] = {**J.attribute_accuracy(videos, specs, judge),
+                                          "prompt": J.prompt_accuracy(videos, specs, judge)}
+    return result
 
 
 def caption_tokens(tokenizer, captions, device):

@@ -13,11 +13,7 @@ garbage there, so bf16 is covered on the reference/flex paths (and on CUDA).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -87,28 +83,9 @@ def kernel_case_errors(case_id: str, device="cpu", dtype_override=None) -> dict:
     return errors
 
 
-def _interpreter_worker():
-    """Entry point of the child process (TRITON_INTERPRET=1 set before any import)."""
-    results = {}
-    for case_id in KERNEL_CASES:
-        try:
-            results[case_id] = kernel_case_errors(case_id)
-        except Exception as error:  # reported per case, so one failure does not hide the others
-            results[case_id] = {"error": f"{type(error).__name__}: {error}"}
-    print("RESULTS=" + json.dumps(results))
-
-
 @pytest.fixture(scope="module")
-def interpreter_results():
-    pytest.importorskip("triton")
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('bsk_worker', sys.argv[1]); "
-            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); mod._interpreter_worker()")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, __file__], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
-    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS="):])
+def interpreter_results(run_cases_in_interpreter):
+    return run_cases_in_interpreter(__file__)
 
 
 def _assert_case(case_id: str, errors: dict, dtype_name: str):

@@ -1,0 +1,199 @@
+"""Shared harness of the quality benchmarks (``accel bench cache|solvers|sparse``).
+
+Every quality benchmark asks the same question of a different knob: generate a fixed set of
+prompts and seeds with the knob set, and compare with the dense output of the same prompts and
+seeds measured in the same process. :class:`QualityBench` holds the workload (pipeline, prompts,
+seeds, call arguments), generates and times a run, and turns a run into a JSON row:
+
+- ``psnr`` / ``ssim``: mean over prompts of the per-frame means (``eval.metrics``), against the
+  baseline videos (the dense pipeline unless a benchmark names another, e.g. a 50-step teacher);
+- ``prompt_accuracy``: the toy-domain judge's reading of shape, colour and motion (reference
+  model only: its prompts are captions of held-out specs; ``None`` elsewhere);
+- ``wall_seconds`` and ``speedup`` against the baseline's wall time from the same process.
+
+The workload is the shipped reference model by default; ``--weights DIR`` points at another
+trained reference pipeline, and ``--model tiny`` runs a random-weight tiny Wan pipeline (for
+smoke tests: its numbers only prove the plumbing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .metrics import psnr, ssim
+
+Setup = Optional[Callable[[Any], Optional[Callable[[], None]]]]  # pipe -> undo (or None)
+
+
+@dataclass
+class Workload:
+    pipe: Any
+    prompts: List[str]
+    specs: Optional[list]  # data.Spec per prompt when the judge applies
+    seed: int
+    call_kwargs: Dict[str, Any]  # steps, guidance, size, negative prompt
+    description: Dict[str, Any] = field(default_factory=dict)
+
+
+def add_workload_args(parser: argparse.ArgumentParser, prompts: int = 4) -> None:
+    parser.add_argument("--model", choices=("reference", "tiny"), default="reference",
+                        help="reference: the trained reference Wan model (default); tiny: random-weight "
+                             "tiny Wan pipeline, for smoke tests only")
+    parser.add_argument("--weights", default=None, help="reference pipeline folder (default: the shipped weights)")
+    parser.add_argument("--prompts", type=int, default=prompts, help="held-out prompts to generate")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the result here")
+
+
+def load_workload(args: argparse.Namespace) -> Workload:
+    if args.prompts < 1:
+        raise ValueError(f"prompts: expected >= 1, got {args.prompts}")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    from pipelines.reference import data
+
+    specs = data.held_out_specs()[: args.prompts]
+    prompts = [data.caption(s) for s in specs]
+    if args.model == "tiny":
+        from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+        pipe = build_tiny_pipeline("wan", seed=0)
+        kwargs = {k: v for k, v in tiny_call_kwargs("wan", seed=0).items()
+                  if k not in ("prompt", "generator", "output_type", "negative_prompt")}
+        specs = None
+        description = {"model": "tiny wan (random weights): plumbing check, numbers mean nothing"}
+    else:
+        from pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
+
+        pipe = load_reference_pipeline(args.weights)
+        kwargs = {k: v for k, v in REFERENCE_DEFAULTS.items() if k not in ("prompt", "seed", "negative_prompt")}
+        description = {"model": "reference Wan model", "weights": args.weights or "shipped"}
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"steps: expected >= 1, got {args.steps}")
+        kwargs["num_inference_steps"] = args.steps
+    pipe.set_progress_bar_config(disable=True)
+    description.update(prompts=len(prompts), seed=args.seed, **{k: v for k, v in kwargs.items()})
+    return Workload(pipe, prompts, specs, args.seed, kwargs, description)
+
+
+def environment() -> Dict[str, Any]:
+    import diffusers
+
+    return {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+class QualityBench:
+    """Runs one workload under different settings and reports each against a baseline run."""
+
+    def __init__(self, workload: Workload, log: Callable[[str], None] = print):
+        self.workload = workload
+        self.log = log
+        self._judge = None
+        self.baseline_videos: Optional[torch.Tensor] = None
+        self.baseline_seconds: Optional[float] = None
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, **overrides: Any) -> tuple:
+        """(videos (N, T, 3, H, W) in [0, 1], wall seconds); one pipeline call per prompt, as users run it."""
+        w = self.workload
+        kwargs = {**w.call_kwargs, **overrides}
+        videos, start = [], time.perf_counter()
+        for i, prompt in enumerate(w.prompts):
+            generator = torch.Generator("cpu").manual_seed(w.seed + i)
+            out = w.pipe(prompt=prompt, negative_prompt="", generator=generator, output_type="pt", **kwargs)
+            videos.append(out.frames[0].float().cpu())
+        return torch.stack(videos), time.perf_counter() - start
+
+    def warm_up(self) -> None:
+        """One short call so first-call costs (allocations, lazy imports) never land in a timed run."""
+        w = self.workload
+        w.pipe(prompt=w.prompts[0], negative_prompt="", generator=torch.Generator("cpu").manual_seed(0),
+               output_type="pt", **{**w.call_kwargs, "num_inference_steps": 1})
+
+    def set_baseline(self, repeats: int = 1, setup: Setup = None, **overrides: Any) -> Dict[str, Any]:
+        """Generate (and time, best of ``repeats``) the reference videos every row is compared with."""
+        best = None
+        for _ in range(max(1, repeats)):
+            videos, seconds = self.run(setup, **overrides)
+            best = seconds if best is None else min(best, seconds)
+        self.baseline_videos, self.baseline_seconds = videos, best
+        row = {"wall_seconds": round(best, 3)}
+        if self.workload.specs is not None:
+            row["prompt_accuracy"] = self.prompt_accuracy(videos)
+        return row
+
+    def run(self, setup: Setup = None, **overrides: Any) -> tuple:
+        """Generate with ``setup(pipe)`` applied (it returns the undo); always undone afterwards."""
+        undo = setup(self.workload.pipe) if setup is not None else None
+        try:
+            return self.generate(**overrides)
+        finally:
+            if undo is not None:
+                undo()
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def prompt_accuracy(self, videos: torch.Tensor) -> Optional[float]:
+        if self.workload.specs is None:
+            return None
+        from pipelines.reference import judge as J
+
+        if self._judge is None:
+            self._judge = J.load_judge()
+        return round(J.prompt_accuracy(videos, self.workload.specs, self._judge), 4)
+
+    def compare(self, videos: torch.Tensor, seconds: float) -> Dict[str, Any]:
+        if self.baseline_videos is None:
+            raise RuntimeError("set_baseline() must run before compare()")
+        pairs = list(zip(videos, self.baseline_videos))
+        return {
+            "psnr": round(sum(psnr(a, b) for a, b in pairs) / len(pairs), 3),
+            "ssim": round(sum(ssim(a, b) for a, b in pairs) / len(pairs), 5),
+            "prompt_accuracy": self.prompt_accuracy(videos),
+            "wall_seconds": round(seconds, 3),
+            "speedup": round(self.baseline_seconds / seconds, 3) if seconds > 0 else None,
+        }
+
+    def measure(self, fields: Dict[str, Any], setup: Setup = None, **overrides: Any) -> Dict[str, Any]:
+        videos, seconds = self.run(setup, **overrides)
+        row = {**fields, **self.compare(videos, seconds)}
+        self.log(json.dumps(row))
+        return row
+
+
+def patch_setup(**patch_kwargs: Any) -> Setup:
+    """A setup that applies ``accel.patch(pipe, **patch_kwargs)``; the returned undo removes it and
+    stores the handle's summary on the setup (``setup.summary``) for the row."""
+    import accel
+
+    def setup(pipe):
+        handle = accel.patch(pipe, **patch_kwargs)
+
+        def undo():
+            setup.summary = handle.summary()
+            handle.remove()
+        return undo
+
+    setup.summary = None
+    return setup
+
+
+def write_result(path: Optional[str], result: Dict[str, Any]) -> None:
+    text = json.dumps(result, indent=2, default=str)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
