@@ -67,3 +67,17 @@ def test_pick_and_overrides():
         "similarity_threshold": -1, "reorder": "hilbert"}
     with pytest.raises(ValueError, match="similarity_threshold"):
         parse_overrides(["similarity_threshold=-1"], ["radial"])
+
+
+def test_int8_rows_measure_quantization_error(tmp_path):
+    """int8 has no density: one row, at 1.0, on the simulated-quantization reference (the CPU
+    stand-in for the kernel). Its error must be small but not zero: INT8 QK^T is not exact."""
+    path = tmp_path / "int8.json"
+    assert main(["--model", "tiny", "--prompts", "1", "--steps", "3", "--patterns", "int8", "--densities", "0.5",
+                 "0.25", "--block-size", "32", "--backend", "torch", "--threads", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["pattern"], r["density"]) for r in rows] == [("int8", 1.0)]
+    row = rows[0]
+    assert row["quantized_calls"] > 0 and row["fallback_calls"] == 0 and row["attn_fallback_calls"] == 0
+    assert 0.0 < row["attn_rel_error"] < 0.03 and row["attn_cosine"] > 0.999
+    assert 40.0 < row["psnr"] < 100.0
