@@ -37,7 +37,7 @@ from attention.kernels import BlockLayout
 
 from .patterns.base import QUANT_BACKENDS, BlockPattern, BlockPlan, check_quantization
 from .reorder import TokenPermutation
-from .sparse import SparseAttention
+from .sparse import SparseAttention, leading_call
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,7 @@ class Int8Attention(SparseAttention):
     Pattern = FullPattern
 
     def dense_now(self, ctx: AttnContext) -> bool:
-        if ctx.layer_index < self.config.full_precision_layers:
-            return True
-        progress = ctx.step.progress
-        return progress is not None and progress < self.config.full_precision_steps
+        return leading_call(ctx, self.config.full_precision_layers, self.config.full_precision_steps)
 
     def quantize_now(self, ctx: AttnContext) -> bool:
         return True  # every call that is not dense_now()

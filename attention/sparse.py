@@ -57,6 +57,15 @@ def quantized_unsupported(q: torch.Tensor, backend: str, pv: str) -> Optional[st
     return None if ok else f"INT8 Triton kernel: {why}"
 
 
+def leading_call(ctx: AttnContext, layers: int, step_fraction: float) -> bool:
+    """Whether the call is in the first ``layers`` layers or the first ``step_fraction`` of the
+    steps (when the step count is known): where warm-up and full-precision rules apply."""
+    if ctx.layer_index < layers:
+        return True
+    progress = ctx.step.progress
+    return progress is not None and progress < step_fraction
+
+
 def text_padding_keep(attn_mask: torch.Tensor, geom: Geometry, batch: int, kv_len: int
                       ) -> Tuple[Optional[torch.Tensor], Optional[str]]:
     """(kept text keys (B|1, text) bool, or None when nothing is masked; reason when unsupported).
@@ -138,17 +147,12 @@ class SparseAttention(AttentionMethod):
 
     def quantize_now(self, ctx: AttnContext) -> bool:
         """INT8 for this sparse call: quantize is on, and neither a full-precision layer nor step."""
-        if self.config.quantize == "none" or ctx.layer_index < self.config.full_precision_layers:
-            return False
-        progress = ctx.step.progress
-        return progress is None or progress >= self.config.full_precision_steps
+        return self.config.quantize != "none" and not leading_call(
+            ctx, self.config.full_precision_layers, self.config.full_precision_steps)
 
     def dense_now(self, ctx: AttnContext) -> bool:
         """Dense first layers, and dense warm-up steps (by step_index / num_steps when known)."""
-        if ctx.layer_index < self.config.dense_layers:
-            return True
-        progress = ctx.step.progress
-        return progress is not None and progress < self.config.dense_warmup
+        return leading_call(ctx, self.config.dense_layers, self.config.dense_warmup)
 
     def attend(self, q, k, v, ctx: AttnContext, attn_mask=None, scale=None):
         if self.dense_now(ctx):
