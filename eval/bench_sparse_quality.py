@@ -31,6 +31,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from attention.kernels import resolve_backend
 from eval.quality_bench import (QualityBench, add_workload_args, environment, load_workload, patch_setup,
                                 write_result)
 
@@ -124,15 +125,6 @@ def parse_overrides(items: Sequence[str], patterns: Sequence[str]) -> Dict[str, 
     return overrides
 
 
-def resolved_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend ``auto`` picks for inputs like ``q`` (attention.kernels.block_sparse_attention)."""
-    if backend != "auto":
-        return backend
-    from attention.kernels import triton_supported
-
-    return "triton" if q.device.type == "cuda" and triton_supported(q)[0] else "flex"
-
-
 @torch.no_grad()
 def attention_error(captures: Sequence[Captured], config) -> Dict[str, Any]:
     """Relative L2 error and cosine similarity of the pattern ``config`` against fp32 dense
@@ -211,7 +203,7 @@ def run_sparse_bench(bench: QualityBench, patterns: Sequence[str], densities: Se
             setup = patch_setup(attention=config)
             fields = {"pattern": name, "density": density, "dense_warmup": getattr(config, "dense_warmup", 0.0),
                       "dense_layers": getattr(config, "dense_layers", 0), "block_size": config.block_size,
-                      "backend": resolved_backend(config.backend, points[0].q)}
+                      "backend": resolve_backend(points[0].q, config.backend)}
             row = bench.measure(fields, setup)
             realised = summary_fields(setup.summary)
             row = {**fields, "realised_density": realised.pop("mean_density"), **realised,

@@ -19,18 +19,20 @@ from .quantize import fp8_supported, quantize_qkv, quantized_attention_reference
 _BACKENDS = ("auto", "triton", "flex", "torch")
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                           scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """Block-sparse attention through the chosen backend.
-
-    auto: the Triton kernel on CUDA when it supports the inputs, otherwise
-    compiled FlexAttention. The Triton CPU interpreter is never chosen
-    automatically: it is a correctness tool, orders of magnitude too slow.
-    """
+def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    """The backend that runs q: ``auto`` is the Triton kernel on CUDA when it supports q, else
+    compiled FlexAttention (the interpreter is never picked: it is a correctness tool)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" and triton_supported(q)[0] else "flex"
+    if backend != "auto":
+        return backend
+    return "triton" if q.device.type == "cuda" and triton_supported(q)[0] else "flex"
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                           scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Block-sparse attention through the chosen backend (``resolve_backend`` picks for auto)."""
+    backend = resolve_backend(q, backend)
     if backend == "triton":
         return block_sparse_attention_triton(q, k, v, layout, scale)
     if backend == "flex":
@@ -71,6 +73,7 @@ __all__ = [
     "quantize_qkv",
     "quantized_block_sparse_attention",
     "quantized_attention_reference",
+    "resolve_backend",
     "resolve_pv",
     "triton_supported",
 ]
