@@ -129,8 +129,9 @@ class SchedulerSwap(Method):
         raise NotImplementedError
 
     def load_schedule(self, solver: Any, sigmas: np.ndarray, device: Any) -> None:
-        """Make ``solver`` run ``sigmas`` (every step's sigma plus the final one)."""
-        raise NotImplementedError
+        """Make ``solver`` run ``sigmas`` (every step's sigma plus the final one). The default is for
+        schedulers whose ``set_timesteps`` takes the step sigmas (Euler, UniPC)."""
+        solver.set_timesteps(sigmas=sigmas[:-1].copy(), device=device)  # it may edit the array in place
 
     def counters(self) -> Dict[str, Any]:
         counters: Dict[str, Any] = {"scheduler": self.scheduler_name, "steps": self.last_num_steps,
@@ -170,9 +171,6 @@ class EulerSwap(SchedulerSwap):
 
     def make_solver(self, original: Any) -> Any:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=_train_timesteps(original))  # shift 1
-
-    def load_schedule(self, solver: Any, sigmas: np.ndarray, device: Any) -> None:
-        solver.set_timesteps(sigmas=sigmas[:-1].copy(), device=device)  # it may edit the array in place
 
 
 @dataclass(frozen=True)
@@ -221,9 +219,6 @@ class UniPCSwap(SchedulerSwap):
         if isinstance(original, UniPCMultistepScheduler):  # keep the pipeline's own UniPC settings
             return UniPCMultistepScheduler.from_config(original.config, **settings)
         return UniPCMultistepScheduler(num_train_timesteps=_train_timesteps(original), **settings)
-
-    def load_schedule(self, solver: Any, sigmas: np.ndarray, device: Any) -> None:
-        solver.set_timesteps(sigmas=sigmas[:-1].copy(), device=device)  # it may edit the array in place
 
 
 @dataclass(frozen=True)
