@@ -231,8 +231,9 @@ def search(pipe, steps: Sequence[int], options: SearchOptions) -> Dict[int, DSSA
 
 # -- command line (``accel calibrate --solver dss`` forwards here) --------------------------------
 
-def _load_model(spec: str):
-    """(pipeline, default SearchOptions fields) for ``tiny:wan``, ``tiny:wan22``, ``reference`` or a folder."""
+def _load_model(spec: str, weights: Optional[str] = None):
+    """(pipeline, default SearchOptions fields) for ``tiny:wan``, ``tiny:wan22``, ``reference`` (the shipped
+    weights, or ``weights``: another trained reference run) or a folder."""
     if spec.startswith("tiny:"):
         from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
@@ -251,7 +252,7 @@ def _load_model(spec: str):
         specs = data.random_specs(32, torch.Generator("cpu").manual_seed(0))  # training combinations only
         prompts = tuple(data.caption(data.spec_from_index(s)) for s in specs)
         defaults = {k: REFERENCE_DEFAULTS[k] for k in ("negative_prompt", "height", "width", "num_frames", "guidance_scale")}
-        return load_reference_pipeline(), dict(defaults, prompts=prompts)
+        return load_reference_pipeline(weights), dict(defaults, prompts=prompts)
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(spec, local_files_only=True), dict(prompts=TINY_PROMPTS)
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", required=True, help="step count(s) to fit, e.g. 4 6 8 10")
     p.add_argument("--model", default="reference", help="tiny:wan, tiny:wan22, reference, or a local pipeline folder")
     p.add_argument("--out", required=True, help="artifact path; with several --steps it must contain {steps}")
+    p.add_argument("--weights", help="with --model reference: a trained reference run's folder (default: shipped)")
     p.add_argument("--prompts", help="text file with one prompt per line (default: the model's built-in list)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--seeds-per-prompt", type=int)
@@ -284,7 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if len(args.steps) > 1 and "{steps}" not in args.out:
             raise ValueError("with several --steps, --out must contain {steps}, e.g. dss-{steps}.json")
-        pipe, fields = _load_model(args.model)
+        if args.weights and args.model != "reference":
+            raise ValueError("--weights goes with --model reference (other models are named by --model)")
+        pipe, fields = _load_model(args.model, args.weights)
         if args.prompts:
             with open(args.prompts) as f:
                 fields["prompts"] = tuple(line.strip() for line in f if line.strip())

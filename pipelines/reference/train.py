@@ -27,7 +27,10 @@ Stages (budgets in minutes; the whole run takes ~8.3 minutes on one H100):
 
 Each stage calibrates its step count from the speed of its first steps and
 then runs a fixed number of steps (logged), so ``--vae-steps``/``--dit-steps``
-reproduce a run exactly (up to CUDA nondeterminism).
+reproduce a run exactly (up to CUDA nondeterminism).  The run can be split
+where the VAE ends: ``--stop-after vae`` saves ``OUT/vae`` and the log, and
+``--vae-from OUT`` starts the next run at stage 2 with that VAE (two device
+calls of ~5 minutes instead of one of ~9).
 """
 
 from __future__ import annotations
@@ -284,6 +287,27 @@ def train_dit(transformer, text_encoder, tokenizer, latents, spec_idx, args, dev
             "final_loss": sum(last) / len(last), "loss_curve": hist[:: max(1, len(hist) // 50)]}
 
 
+def load_trained_vae(path: str, config: ReferenceConfig, device):
+    """The VAE of a ``--stop-after vae`` run and its stage-1 log entry."""
+    from diffusers import AutoencoderKLWan
+
+    run_dir = os.path.dirname(path.rstrip("/")) if os.path.basename(path.rstrip("/")) == "vae" else path
+    vae_dir = os.path.join(run_dir, "vae")
+    if not os.path.isfile(os.path.join(vae_dir, "config.json")):
+        raise FileNotFoundError(f"vae_from: no saved VAE at {vae_dir} (write one with --stop-after vae)")
+    vae = AutoencoderKLWan.from_pretrained(vae_dir).to(device).eval()
+    if vae.config.z_dim != config.vae_z_dim or vae.config.base_dim != config.vae_base_dim:
+        raise ValueError(f"vae_from: the saved VAE has z_dim={vae.config.z_dim}, base_dim={vae.config.base_dim}; "
+                         f"this run's config wants {config.vae_z_dim}, {config.vae_base_dim}")
+    entry = {}
+    log_path = os.path.join(run_dir, "train_log.json")
+    if os.path.isfile(log_path):
+        with open(log_path) as f:
+            entry = {k: v for k, v in json.load(f).get("vae", {}).items()
+                     if k not in ("heldout_psnr_db", "single_pass_gap", "judge_on_reconstructions")}
+    return vae, {**entry, "loaded_from": path}
+
+
 def write_log(out: str, result: dict, t0: float) -> None:
     result["wall_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "train_log.json"), "w") as f:
@@ -334,6 +358,11 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the transformer (default: on for cuda)")
     ap.add_argument("--log-every", type=int, default=100)
+    # Resumable in two halves (one device call each, or VAE on a GPU and the rest elsewhere):
+    # --stop-after vae writes OUT/vae and train_log.json; --vae-from OUT picks up from there.
+    ap.add_argument("--stop-after", choices=["vae"], default=None, help="save the VAE and stop")
+    ap.add_argument("--vae-from", default=None,
+                    help="skip stage 1: load the VAE saved by --stop-after vae (a run directory or its vae/)")
     return ap.parse_args(argv)
 
 
@@ -374,10 +403,19 @@ def main(argv=None) -> dict:
     import transformers
     result["versions"].update(diffusers=diffusers.__version__, transformers=transformers.__version__)
 
-    log("stage 1: VAE")
-    result["vae"] = train_vae(comps["vae"], args, device, gen, dev_gen, autocast)
+    if args.vae_from:
+        comps["vae"], result["vae"] = load_trained_vae(args.vae_from, config, device)
+        log(f"stage 1: VAE loaded from {args.vae_from}")
+    else:
+        log("stage 1: VAE")
+        result["vae"] = train_vae(comps["vae"], args, device, gen, dev_gen, autocast)
     result["vae"].update(vae_check(comps["vae"], args, device, gen, autocast))
     log(f"  VAE {result['vae']}")
+    if args.stop_after == "vae":
+        comps["vae"].to("cpu").save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
+        write_log(args.out, result, t0)
+        log(f"saved the VAE to {args.out}/vae; resume with --vae-from {args.out}")
+        return result
 
     log("stage 2: encode dataset")
     t = time.time()

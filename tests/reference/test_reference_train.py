@@ -101,6 +101,25 @@ def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
     assert os.path.getsize(out / "transformer" / "diffusion_pytorch_model.safetensors") < 25e6
 
 
+def test_training_resumes_from_a_saved_vae(tmp_path):
+    common = ["--device", "cpu", "--max-steps", "2", "--num-frames", "5", "--height", "16", "--width", "32",
+              "--vae-batch", "1", "--dit-batch", "2", "--dataset-clips", "2", "--encode-batch", "2",
+              "--eval-prompts", "0", "--config", json.dumps(TINY)]
+    first = T.main(["--out", str(tmp_path / "a"), "--stop-after", "vae", *common])
+    assert "dit" not in first and (tmp_path / "a" / "vae" / "config.json").is_file()
+    resumed = T.main(["--out", str(tmp_path / "b"), "--vae-from", str(tmp_path / "a"), *common])
+    assert resumed["vae"]["steps"] == 2 and resumed["vae"]["loaded_from"] == str(tmp_path / "a")
+    assert resumed["dit"]["steps"] == 2
+    from diffusers import AutoencoderKLWan
+
+    saved, trained = (AutoencoderKLWan.from_pretrained(str(tmp_path / d / "vae")) for d in ("a", "b"))
+    for (name, p), q in zip(saved.named_parameters(), trained.parameters()):
+        assert torch.equal(p, q), name  # stage 3 does not touch the VAE
+    with pytest.raises(ValueError, match="vae_from"):
+        T.main(["--out", str(tmp_path / "c"), "--vae-from", str(tmp_path / "a"), *common[:-1],
+                json.dumps({**TINY, "vae_z_dim": 8})])
+
+
 @pytest.mark.skipif(not os.path.isfile(os.path.join(build.WEIGHTS_DIR, "model_index.json")),
                     reason="no trained reference weights shipped yet")
 def test_shipped_reference_pipeline_generates():

@@ -144,6 +144,10 @@ def test_cli_writes_one_artifact_per_step_count_and_reports_errors(tmp_path, cap
     assert main(["--steps", "2", "3", "--model", "tiny:wan", "--out", str(tmp_path / "x.json")]) == 2
     assert main(["--steps", "2", "--model", "tiny:flux", "--out", str(tmp_path / "x.json")]) == 2
     assert "Wan-like" in capsys.readouterr().err
+    assert main(["--steps", "2", "--model", "tiny:wan", "--weights", str(tmp_path), "--out", out]) == 2
+    assert "--weights goes with --model reference" in capsys.readouterr().err
+    assert main(["--steps", "2", "--model", "reference", "--weights", str(tmp_path), "--out", out]) == 2
+    assert "model_index.json" in capsys.readouterr().err  # an empty folder is not a trained run
 
 
 def test_learned_sigmas_stay_monotone():
