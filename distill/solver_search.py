@@ -137,12 +137,17 @@ def rollout(flow: WanFlow, x: torch.Tensor, prompt_index: torch.Tensor, sigmas: 
             coefficients: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1]: Euler, or DSS when ``coefficients`` (n x n) is given."""
     history: List[torch.Tensor] = []
+    # The solver's numbers live on the CPU; copies on the model's device keep every op on one
+    # device (the copies are differentiable, so the gradients still reach the CPU leaves).
+    steps = (sigmas[1:] - sigmas[:-1]).float().to(x.device)
+    if coefficients is not None:
+        coefficients = coefficients.to(x.device)
     for i in range(len(sigmas) - 1):
         v = flow.velocity(x, sigmas[i], prompt_index)
         if coefficients is not None:
             history.append(v)
             v = dss_velocity(history, coefficients[i])
-        x = x + (sigmas[i + 1] - sigmas[i]).float() * v
+        x = x + steps[i] * v
     return x
 
 
@@ -278,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--frames", dest="num_frames", type=int)
+    p.add_argument("--device", default="cpu", help="run the model here (cuda: a minutes-long search takes seconds)")
     return p
 
 
@@ -289,6 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.weights and args.model != "reference":
             raise ValueError("--weights goes with --model reference (other models are named by --model)")
         pipe, fields = _load_model(args.model, args.weights)
+        pipe.to(args.device)
         if args.prompts:
             with open(args.prompts) as f:
                 fields["prompts"] = tuple(line.strip() for line in f if line.strip())
