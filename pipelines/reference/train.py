@@ -303,8 +303,10 @@ def load_trained_vae(path: str, config: ReferenceConfig, device):
     log_path = os.path.join(run_dir, "train_log.json")
     if os.path.isfile(log_path):
         with open(log_path) as f:
-            entry = {k: v for k, v in json.load(f).get("vae", {}).items()
-                     if k not in ("heldout_psnr_db", "single_pass_gap", "judge_on_reconstructions")}
+            stage1 = json.load(f)
+        entry = {k: v for k, v in stage1.get("vae", {}).items()
+                 if k not in ("heldout_psnr_db", "single_pass_gap", "judge_on_reconstructions")}
+        entry.update(command=stage1.get("command"), seed=stage1.get("seed"), device=stage1.get("device"))
     return vae, {**entry, "loaded_from": path}
 
 

@@ -109,6 +109,7 @@ def test_training_resumes_from_a_saved_vae(tmp_path):
     assert "dit" not in first and (tmp_path / "a" / "vae" / "config.json").is_file()
     resumed = T.main(["--out", str(tmp_path / "b"), "--vae-from", str(tmp_path / "a"), *common])
     assert resumed["vae"]["steps"] == 2 and resumed["vae"]["loaded_from"] == str(tmp_path / "a")
+    assert "--stop-after vae" in resumed["vae"]["command"]  # the log names both commands of the recipe
     assert resumed["dit"]["steps"] == 2
     from diffusers import AutoencoderKLWan
 
