@@ -93,9 +93,9 @@ def make_ctx(grid=(3, 4, 4), text=0, position=None, step=5, num_steps=10, layer=
                        step=StepContext(step_index=step, num_steps=num_steps))
 
 
-def qkv(seq, batch=1, dtype=torch.float32, seed=0):
+def qkv(seq, batch=1, dtype=torch.float32, seed=0, head_dim=16):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, seq, 2, 16, generator=gen).to(dtype) for _ in range(3)]
+    return [torch.randn(batch, seq, 2, head_dim, generator=gen).to(dtype) for _ in range(3)]
 
 
 def run_method(name, calls, **config):
@@ -133,6 +133,19 @@ def test_unsupported_dtype_and_masks_fall_back_to_exact_dense():
         method, (out,), messages = run_method("radial", [((q, k, v, make_ctx()), {"attn_mask": mask})])
         assert method.fallback_calls == 1 and reason in messages[0]
         assert torch.equal(out, dense_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("head_dim, reason", [(24, "head_dim 24 is not a power of two"),
+                                              (16, "device cpu needs the Triton interpreter")])
+def test_triton_backend_off_its_head_dims_or_devices_falls_back_to_exact_dense_once(head_dim, reason):
+    # The Triton kernel takes power-of-two head dims, on CUDA (or the interpreter, which this
+    # process never starts: tests/attention/conftest.py runs it in a child process).
+    q, k, v = qkv(48, head_dim=head_dim)
+    method, outs, messages = run_method("radial", [((q, k, v, make_ctx()), {})] * 2, backend="triton")
+    assert len(messages) == 1 and reason in messages[0], messages
+    assert method.fallback_calls == 2 and method.sparse_calls == 0
+    for out in outs:
+        assert torch.equal(out, dense_attention(q, k, v))
 
 
 @pytest.mark.parametrize("position", ["prefix", "suffix"])
