@@ -1,11 +1,11 @@
 """Every attention pattern, cache rule and solver on the reference model's own architecture.
 
-The tiny families (tests/*/test_*families*) have 27-48 visual tokens; the reference model has
-1,024 (8 x 8 x 16 after patching) and 8 blocks, the geometry the methods are tuned for: blocks of
-128 tokens, 8 blocks per query row, real grid reorderings. Random weights (the trained ones are
-not shipped yet), latents only (the VAE decode is deterministic and tells nothing about the
-transformer), few steps: this checks plumbing and exactness at the real shape, not quality;
-quality is `accel bench cache|sparse|solvers` on trained weights.
+The tiny pipelines of tests/attention, tests/caching and tests/solvers have 27-48 visual tokens;
+the reference model has 1,024 (8 x 8 x 16 after patching) and 8 blocks, the geometry the methods
+are tuned for: blocks of 128 tokens, 8 blocks per query row, real grid reorderings. Random
+weights (the trained ones are not shipped yet), latents only (the VAE decode is deterministic and
+tells nothing about the transformer), few steps: this checks plumbing and exactness at the real
+shape, not quality; quality is `accel bench cache|sparse|solvers` on trained weights.
 """
 import pytest
 import torch
@@ -24,9 +24,9 @@ def pipe():
     return build_reference_pipeline(ReferenceConfig())
 
 
-def run(pipe, steps=STEPS, **overrides):
+def run(pipe, steps=STEPS):
     kwargs = {k: v for k, v in REFERENCE_DEFAULTS.items() if k != "seed"}
-    kwargs.update(num_inference_steps=steps, output_type="latent", **overrides)
+    kwargs.update(num_inference_steps=steps, output_type="latent")
     return pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
 
 
