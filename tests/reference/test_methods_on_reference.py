@@ -21,7 +21,9 @@ PATTERNS = ["spatiotemporal", "radial", "tile_window", "topk", "cluster", "radia
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)
-    return build_reference_pipeline(ReferenceConfig())
+    pipe = build_reference_pipeline(ReferenceConfig())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def run(pipe, steps=STEPS):
@@ -32,7 +34,6 @@ def run(pipe, steps=STEPS):
 
 @pytest.fixture(scope="module")
 def dense(pipe):
-    pipe.set_progress_bar_config(disable=True)
     out = run(pipe)
     assert out.shape == (1, 8, 8, 16, 32)  # (B, C, latent frames, H/4, W/4): 8 * 8 * 16 = 1024 tokens
     return out
@@ -71,7 +72,7 @@ CACHE_STEPS = 6  # warm-up, then room to reuse
 
 
 @pytest.fixture(scope="module")
-def dense_cache_steps(pipe, dense):
+def dense_cache_steps(pipe):
     return run(pipe, steps=CACHE_STEPS)
 
 
