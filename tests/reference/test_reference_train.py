@@ -11,6 +11,10 @@ from pipelines.reference import train as T
 
 TINY = {"vae_base_dim": 4, "vae_z_dim": 4, "num_heads": 1, "head_dim": 32, "ffn_dim": 32, "num_layers": 1,
         "text_d_model": 16, "text_d_ff": 32, "text_heads": 2, "text_layers": 1}
+# A whole training run in seconds: 2 steps per stage on 5-frame 16x32 clips of the TINY model.
+TINY_RUN = ["--device", "cpu", "--max-steps", "2", "--num-frames", "5", "--height", "16", "--width", "32",
+            "--vae-batch", "1", "--dit-batch", "2", "--dataset-clips", "2", "--encode-batch", "2",
+            "--eval-prompts", "0", "--config", json.dumps(TINY)]
 
 
 def test_default_config_gives_at_least_1024_video_tokens():
@@ -86,10 +90,7 @@ def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
     from diffusers import WanPipeline
 
     out = tmp_path / "ref"
-    log = T.main(["--out", str(out), "--device", "cpu", "--max-steps", "2", "--num-frames", "5",
-                  "--height", "16", "--width", "32", "--vae-batch", "1", "--dit-batch", "2",
-                  "--dataset-clips", "2", "--encode-batch", "2", "--eval-prompts", "0",
-                  "--config", json.dumps(TINY)])
+    log = T.main(["--out", str(out), *TINY_RUN])
     assert log["vae"]["steps"] == 2 and log["dit"]["steps"] == 2
     saved = json.load(open(out / "train_log.json"))
     assert saved["seed"] == 0 and "wall_seconds" in saved and saved["dataset"]["latent_shape"] == [4, 2, 4, 8]
@@ -102,12 +103,9 @@ def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
 
 
 def test_training_resumes_from_a_saved_vae(tmp_path):
-    common = ["--device", "cpu", "--max-steps", "2", "--num-frames", "5", "--height", "16", "--width", "32",
-              "--vae-batch", "1", "--dit-batch", "2", "--dataset-clips", "2", "--encode-batch", "2",
-              "--eval-prompts", "0", "--config", json.dumps(TINY)]
-    first = T.main(["--out", str(tmp_path / "a"), "--stop-after", "vae", *common])
+    first = T.main(["--out", str(tmp_path / "a"), "--stop-after", "vae", *TINY_RUN])
     assert "dit" not in first and (tmp_path / "a" / "vae" / "config.json").is_file()
-    resumed = T.main(["--out", str(tmp_path / "b"), "--vae-from", str(tmp_path / "a"), *common])
+    resumed = T.main(["--out", str(tmp_path / "b"), "--vae-from", str(tmp_path / "a"), *TINY_RUN])
     assert resumed["vae"]["steps"] == 2 and resumed["vae"]["loaded_from"] == str(tmp_path / "a")
     assert "--stop-after vae" in resumed["vae"]["command"]  # the log names both commands of the recipe
     assert resumed["dit"]["steps"] == 2
@@ -117,8 +115,8 @@ def test_training_resumes_from_a_saved_vae(tmp_path):
     for (name, p), q in zip(saved.named_parameters(), trained.parameters()):
         assert torch.equal(p, q), name  # stage 3 does not touch the VAE
     with pytest.raises(ValueError, match="vae_from"):
-        T.main(["--out", str(tmp_path / "c"), "--vae-from", str(tmp_path / "a"), *common[:-1],
-                json.dumps({**TINY, "vae_z_dim": 8})])
+        T.main(["--out", str(tmp_path / "c"), "--vae-from", str(tmp_path / "a"), *TINY_RUN,
+                "--config", json.dumps({**TINY, "vae_z_dim": 8})])  # argparse: the last --config wins
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(build.WEIGHTS_DIR, "model_index.json")),
