@@ -41,9 +41,9 @@ MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing",
 BACKGROUNDS = ("dark", "gray", "checkered")
 COLOUR_NAMES = tuple(COLOURS)
 
-# Default clip: 29 frames of 64 x 128 pixels.  With the reference VAE (4x
-# spatial, 4x temporal compression) that is an 8 x 16 x 32 latent grid, i.e.
-# 8 * 8 * 16 = 1024 transformer tokens with patch size (1, 2, 2).
+# Default clip: 29 frames of 64 x 128 pixels.  With the reference VAE (8x
+# spatial, 4x temporal compression) that is an 8 x 8 x 16 latent grid, i.e.
+# 8 * 8 * 16 = 1024 transformer tokens with patch size (1, 1, 1).
 NUM_FRAMES, HEIGHT, WIDTH = 29, 64, 128
 
 

@@ -4,8 +4,9 @@
 
 Stages (budgets in minutes; the whole run takes ~8.3 minutes on one H100):
 
-1. VAE (``AutoencoderKLWan``): reconstruction (L1 + MSE) plus a small KL on
-   full-length procedural clips rendered on the device every step.  Wan's
+1. VAE (``AutoencoderKLWan``, Wan 2.2's residual kind): reconstruction (L1 +
+   MSE, shape pixels weighted up) plus a small KL on 9-frame procedural clips
+   rendered on the device every step, residual branches starting at zero.  Wan's
    encode/decode walk the clip chunk by chunk with causal caches (and its
    temporal resampling only exists on that path); ``build.single_pass`` computes
    the same function over the whole clip in one call, which is what makes
@@ -19,7 +20,10 @@ Stages (budgets in minutes; the whole run takes ~8.3 minutes on one H100):
    (Euler) or recover ``x0 = x_t - s v`` (UniPC flow prediction), both of
    which assume exactly this target.  ``s`` is drawn as the inference
    schedule's shift of a uniform draw; 10% of captions are dropped to the
-   empty prompt so classifier-free guidance works.  AdamW, bf16 autocast on
+   empty prompt so classifier-free guidance works.  Shape tokens are weighted
+   up, every block starts as the identity, and ``--dit-mix`` trains most steps
+   on the first 1-2 latent frames (exact shorter clips: the VAE is causal),
+   which is what makes the stage affordable on a CPU.  AdamW, bf16 autocast on
    CUDA, EMA weights are the ones saved.
 4. ``save_pretrained(DIR)`` (fp32, ~17 MB) and ``train_log.json``; then, if
    the judge is available, generate every held-out prompt and log the judge's
@@ -47,7 +51,7 @@ import torch.nn.functional as F
 
 from pipelines.reference import data
 from pipelines.reference.build import (REFERENCE_DEFAULTS, ReferenceConfig, build_components, count_params,
-                                       fast_decode, fast_encode)
+                                       fast_decode, fast_encode, zero_init_residual_branches)
 
 TEXT_LEN = 512      # WanPipeline's default max_sequence_length: embeddings are zero-padded to it
 TOKEN_LEN = 16      # real tokens of the longest caption (11) + eos fit; the rest is padding
@@ -110,6 +114,8 @@ class Budget:
 
 
 def train_vae(vae, args, device, gen, noise_gen, autocast):
+    if args.vae_zero_init:
+        zero_init_residual_branches(vae)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     budget = Budget(args.minutes_vae, args.vae_steps, args.max_steps)
@@ -122,8 +128,8 @@ def train_vae(vae, args, device, gen, noise_gen, autocast):
             # attention has no positions), and conv cost scales with pixels, so crops
             # buy ~4x more steps per minute than full frames.
             ch, cw = args.vae_crop
-            top = int(torch.randint(0, args.height - ch + 1, (1,), generator=gen)) // 4 * 4
-            left = int(torch.randint(0, args.width - cw + 1, (1,), generator=gen)) // 4 * 4
+            top = int(torch.randint(0, args.height - ch + 1, (1,), generator=gen)) // 8 * 8  # whole latent cells
+            left = int(torch.randint(0, args.width - cw + 1, (1,), generator=gen)) // 8 * 8  # whole latent cells
             x = x[..., top:top + ch, left:left + cw]
             alpha = alpha[..., top:top + ch, left:left + cw]
         # The shape covers ~3% of the pixels: without extra weight the VAE first learns the
@@ -158,15 +164,19 @@ def train_vae(vae, args, device, gen, noise_gen, autocast):
 
 @torch.no_grad()
 def encode_dataset(vae, args, device, gen, autocast):
-    """Latents (posterior means) of ``--dataset-clips`` training clips, plus their spec indices."""
-    lat, idxs = [], []
+    """Latents (posterior means) of ``--dataset-clips`` training clips, their spec indices, and
+    the shape's coverage of each latent cell (frame 0 alone, then the most of each 4 frames)."""
+    lat, idxs, cover = [], [], []
     for start in range(0, args.dataset_clips, args.encode_batch):
         n = min(args.encode_batch, args.dataset_clips - start)
-        x, idx = render_batch(n, args.num_frames, args.height, args.width, gen, device)
+        x, idx, alpha = render_batch(n, args.num_frames, args.height, args.width, gen, device, return_alpha=True)
         with autocast():
             lat.append(fast_encode(vae, x).mean.to(torch.bfloat16 if device.type == "cuda" else torch.float32))
         idxs.append(idx)
-    return torch.cat(lat), torch.cat(idxs)
+        rest = alpha[:, :, 1:].unflatten(2, (-1, 4)).amax(3)
+        f = args.height // lat[-1].shape[-2]
+        cover.append(F.avg_pool3d(torch.cat([alpha[:, :, :1], rest], 2), (1, f, f)).half())
+    return torch.cat(lat), torch.cat(idxs), torch.cat(cover)
 
 
 @torch.no_grad()
@@ -219,7 +229,21 @@ def shifted_sigmas(n, shift, gen, device):
     return shift * u / (1 + (shift - 1) * u)  # same warp as the scheduler's flow_shift
 
 
-def train_dit(transformer, text_encoder, tokenizer, latents, spec_idx, args, device, gen, autocast):
+def zero_init_dit_outputs(transformer) -> None:
+    """Zero every block's attention and FFN output projections and the final projection: each
+    block starts as the identity and the model at zero velocity (DiT's adaLN-zero idea; Wan's
+    modulation table is shared, so the projections are what can be zeroed)."""
+    for block in transformer.blocks:
+        for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+    torch.nn.init.zeros_(transformer.proj_out.weight)
+    torch.nn.init.zeros_(transformer.proj_out.bias)
+
+
+def train_dit(transformer, text_encoder, tokenizer, latents, spec_idx, cover, args, device, gen, autocast):
+    if args.dit_zero_init:
+        zero_init_dit_outputs(transformer)
     transformer.train()
     text_encoder.train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
@@ -240,13 +264,24 @@ def train_dit(transformer, text_encoder, tokenizer, latents, spec_idx, args, dev
         forward = torch.compile(transformer)
     budget = Budget(args.minutes_dit, args.dit_steps, args.max_steps)
     step, hist, n = 0, [], latents.shape[0]
+    mix = args.dit_mix or [(latents.shape[2], args.dit_batch, 1.0)]
+    if max(k for k, _, _ in mix) > latents.shape[2]:
+        raise ValueError(f"dit_mix asks for more latent frames than the clips have ({latents.shape[2]})")
+    cum_p = torch.tensor([p for _, _, p in mix]).cumsum(0)
     while not budget.done(step):
-        pick = torch.randint(n, (args.dit_batch,), generator=gen, device=device)
-        x0 = latents[pick].float()
+        u = torch.rand(1, generator=gen, device=device).item()
+        frames, batch, _ = mix[min(int((cum_p < u).sum()), len(mix) - 1)]
+        pick = torch.randint(n, (batch,), generator=gen, device=device)
+        # The VAE is causal, so the first k latent frames of a clip are exactly the latents
+        # of its first 4k - 3 frames: a shorter clip from the same distribution, far cheaper.
+        x0 = latents[pick, :, :frames].float()
+        # like the VAE's fg weight: the shape is a few percent of the tokens but all of the prompt
+        weight = 1 + args.dit_fg_weight * cover[pick, :, :frames].float()
+        weight = weight / weight.mean()
         rows = spec_row[pick]
-        drop = torch.rand(args.dit_batch, generator=gen, device=device) < args.caption_dropout
+        drop = torch.rand(batch, generator=gen, device=device) < args.caption_dropout
         rows = torch.where(drop, torch.full_like(rows, len(all_specs)), rows)
-        sigma = shifted_sigmas(args.dit_batch, args.flow_shift, gen, device)
+        sigma = shifted_sigmas(batch, args.flow_shift, gen, device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         s = sigma.view(-1, 1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
@@ -262,7 +297,7 @@ def train_dit(transformer, text_encoder, tokenizer, latents, spec_idx, args, dev
                 log(f"  torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eager")
                 forward = transformer
                 pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise - x0)
+        loss = ((pred.float() - (noise - x0)).pow(2) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -320,6 +355,16 @@ def dir_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
 
 
+def parse_mix(text: str) -> list[tuple[int, int, float]]:
+    try:
+        mix = [(int(k), int(b), float(p)) for k, b, p in (part.split(":") for part in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"dit_mix must look like 1:64:0.5,8:8:0.5, got {text!r}") from None
+    if any(k < 1 or b < 1 or p <= 0 for k, b, p in mix) or abs(sum(p for _, _, p in mix) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"dit_mix needs K, B >= 1 and probabilities summing to 1, got {text!r}")
+    return mix
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Train the reference text-to-video model (WanPipeline).")
     ap.add_argument("--out", required=True)
@@ -333,18 +378,29 @@ def parse_args(argv=None):
     ap.add_argument("--dit-steps", type=int, default=None, help="fixed DiT steps (overrides the budget)")
     ap.add_argument("--max-steps", type=int, default=None, help="cap on every stage (smoke tests)")
     ap.add_argument("--vae-batch", type=int, default=16)
+    # 9 frames = the first frame plus two cached chunks, the shortest clip in which every
+    # causal-cache path of the encoder and decoder occurs: measured to generalise to 29-frame
+    # clips (5 frames did not), at a third of the cost.
     ap.add_argument("--vae-frames", type=int, default=None,
-                    help="VAE training clip length (default: --num-frames; shorter clips do not "
-                         "generalise to later frames, whose causal context never sees the start)")
-    ap.add_argument("--vae-crop", type=int, nargs=2, default=[32, 64], metavar=("H", "W"),
-                    help="train the VAE on random crops of this size (0 0: full frames)")
-    ap.add_argument("--vae-lr", type=float, default=5e-4)
-    ap.add_argument("--fg-weight", type=float, default=8.0, help="extra loss weight on shape pixels")
+                    help="VAE training clip length, 1 + 4k (default: 9, or --num-frames if shorter)")
+    ap.add_argument("--vae-crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="train the VAE on random crops of this size (default: full frames; crops "
+                         "change what the mid-block attention sees and generalised worse in a CPU probe)")
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--vae-zero-init", action=argparse.BooleanOptionalAction, default=True,
+                    help="start the VAE's residual branches at zero (see build.zero_init_residual_branches)")
+    ap.add_argument("--fg-weight", type=float, default=4.0, help="extra loss weight on shape pixels")
     ap.add_argument("--kl-weight", type=float, default=1e-6, help="on the per-element mean KL")
     ap.add_argument("--dataset-clips", type=int, default=16384)
     ap.add_argument("--encode-batch", type=int, default=128)
     ap.add_argument("--dit-batch", type=int, default=128)
+    ap.add_argument("--dit-mix", type=parse_mix, default=None, metavar="K:B:P,...",
+                    help="mixed clip lengths: with probability P a step trains on the first K latent "
+                         "frames with batch B (default: full clips, --dit-batch)")
     ap.add_argument("--dit-lr", type=float, default=8e-4)
+    ap.add_argument("--dit-fg-weight", type=float, default=4.0, help="extra loss weight on shape tokens")
+    ap.add_argument("--dit-zero-init", action=argparse.BooleanOptionalAction, default=True,
+                    help="start every transformer block as the identity (zero output projections)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
@@ -374,7 +430,9 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
-    args.vae_frames = args.vae_frames or args.num_frames
+    args.vae_frames = args.vae_frames or min(9, args.num_frames)
+    if args.vae_frames < 1 or (args.vae_frames - 1) % 4:
+        raise ValueError(f"vae_frames must be 1 + 4k (the VAE's chunking), got {args.vae_frames}")
     if args.vae_crop and (args.vae_crop[0] <= 0 or args.vae_crop[0] >= args.height
                           or args.vae_crop[1] >= args.width):
         args.vae_crop = None  # crops only when smaller than the frame
@@ -421,7 +479,7 @@ def main(argv=None) -> dict:
 
     log("stage 2: encode dataset")
     t = time.time()
-    latents, spec_idx = encode_dataset(comps["vae"], args, device, gen, autocast)
+    latents, spec_idx, cover = encode_dataset(comps["vae"], args, device, gen, autocast)
     flat = latents.float().transpose(0, 1).reshape(latents.shape[1], -1)
     mean, std = flat.mean(1), flat.std(1).clamp(min=1e-4)
     del flat
@@ -437,7 +495,7 @@ def main(argv=None) -> dict:
 
     log("stage 3: text encoder + transformer (flow matching)")
     result["dit"] = train_dit(comps["transformer"], comps["text_encoder"], comps["tokenizer"], latents,
-                              spec_idx, args, device, dev_gen, autocast)
+                              spec_idx, cover, args, device, dev_gen, autocast)
     log(f"  DiT steps {result['dit']['steps']} final loss {result['dit']['final_loss']:.4f}")
     del latents
 

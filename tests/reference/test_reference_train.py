@@ -14,7 +14,7 @@ TINY = {"vae_base_dim": 4, "vae_z_dim": 4, "num_heads": 1, "head_dim": 32, "ffn_
 # A whole training run in seconds: 2 steps per stage on 5-frame 16x32 clips of the TINY model.
 TINY_RUN = ["--device", "cpu", "--max-steps", "2", "--num-frames", "5", "--height", "16", "--width", "32",
             "--vae-batch", "1", "--dit-batch", "2", "--dataset-clips", "2", "--encode-batch", "2",
-            "--eval-prompts", "0", "--config", json.dumps(TINY)]
+            "--dit-mix", "1:2:0.5,2:1:0.5", "--eval-prompts", "0", "--config", json.dumps(TINY)]
 
 
 def test_default_config_gives_at_least_1024_video_tokens():
@@ -23,18 +23,23 @@ def test_default_config_gives_at_least_1024_video_tokens():
     latent = ((d["num_frames"] - 1) // 4 + 1, d["height"] // cfg.spatial_factor, d["width"] // cfg.spatial_factor)
     pt, ph, pw = cfg.patch_size
     tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
-    assert latent == (8, 16, 32) and tokens == 1024
+    assert latent == (8, 8, 16) and tokens == 1024
     assert cfg.head_dim in (64, 128)  # what the attention kernels target
 
 
-def test_single_pass_vae_equals_the_chunked_wan_path():
+@pytest.mark.parametrize("residual", [True, False], ids=["wan2.2-residual", "wan2.1"])
+def test_single_pass_vae_equals_the_chunked_wan_path(residual):
     torch.manual_seed(0)
-    vae = build.build_components(build.ReferenceConfig(vae_base_dim=4, vae_z_dim=4))["vae"].eval()
+    cfg = build.ReferenceConfig(vae_base_dim=4, vae_z_dim=4, vae_residual=residual, vae_patch=2 if residual else 1,
+                                vae_dim_mult=(1, 2, 2) if residual else (1, 2, 4))
+    vae = build.build_components(cfg)["vae"].eval()
+    build.zero_init_residual_branches(vae)
     with torch.no_grad():  # move off the initialisation so every layer matters
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.rand(2, 3, 9, 16, 32) * 2 - 1  # first chunk + two cached chunks
-    z = torch.randn(2, 4, 4, 4, 8)
+    f = cfg.spatial_factor
+    z = torch.randn(2, 4, 4, 16 // f, 32 // f)
     with torch.no_grad():
         ref_enc = vae.encode(x).latent_dist.mean
         ref_dec = vae.decode(z).sample
@@ -93,7 +98,7 @@ def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
     log = T.main(["--out", str(out), *TINY_RUN])
     assert log["vae"]["steps"] == 2 and log["dit"]["steps"] == 2
     saved = json.load(open(out / "train_log.json"))
-    assert saved["seed"] == 0 and "wall_seconds" in saved and saved["dataset"]["latent_shape"] == [4, 2, 4, 8]
+    assert saved["seed"] == 0 and "wall_seconds" in saved and saved["dataset"]["latent_shape"] == [4, 2, 2, 4]
     pipe = WanPipeline.from_pretrained(str(out), local_files_only=True)
     assert pipe.vae.config.latents_std == saved["dataset"]["latents_std"]
     frames = build.generate(pipe, data.caption(data.held_out_specs()[0]), height=16, width=32,
@@ -117,6 +122,29 @@ def test_training_resumes_from_a_saved_vae(tmp_path):
     with pytest.raises(ValueError, match="vae_from"):
         T.main(["--out", str(tmp_path / "c"), "--vae-from", str(tmp_path / "a"), *TINY_RUN,
                 "--config", json.dumps({**TINY, "vae_z_dim": 8})])  # argparse: the last --config wins
+
+
+def test_zero_initialised_transformer_starts_at_zero_velocity_and_still_learns():
+    pipe = _tiny_pipe()
+    T.zero_init_dit_outputs(pipe.transformer)
+    x = torch.randn(1, TINY["vae_z_dim"], 2, 2, 4)
+    text = torch.randn(1, 8, TINY["text_d_model"])
+    out = pipe.transformer(x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
+    assert out.shape == x.shape and not out.any()
+    out.sub(x).pow(2).mean().backward()
+    assert pipe.transformer.proj_out.weight.grad.abs().sum() > 0  # the zeroed layers get gradients
+
+
+@pytest.mark.parametrize("bad", [["--dit-mix", "1:2:0.7"], ["--dit-mix", "1:2"], ["--dit-mix", "0:2:1"]])
+def test_bad_dit_mix_is_rejected_by_the_parser(bad, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", *bad])
+    assert "dit_mix" in capsys.readouterr().err
+
+
+def test_vae_clip_length_must_follow_the_chunking(tmp_path):
+    with pytest.raises(ValueError, match="vae_frames"):
+        T.main(["--out", str(tmp_path), *TINY_RUN, "--vae-frames", "6"])
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(build.WEIGHTS_DIR, "model_index.json")),
