@@ -2,7 +2,8 @@
 
     python -m pipelines.reference.train --out DIR --device cuda --seed 0
 
-Stages (budgets in minutes; the whole run takes ~8.3 minutes on one H100):
+Stages (budgets in minutes; the whole run took ~8.3 minutes on one H100 with the
+earlier Wan 2.1-VAE design, and has not been timed on a GPU with this one):
 
 1. VAE (``AutoencoderKLWan``, Wan 2.2's residual kind): reconstruction (L1 +
    MSE, shape pixels weighted up) plus a small KL on 9-frame procedural clips
@@ -331,9 +332,12 @@ def load_trained_vae(path: str, config: ReferenceConfig, device):
     if not os.path.isfile(os.path.join(vae_dir, "config.json")):
         raise FileNotFoundError(f"vae_from: no saved VAE at {vae_dir} (write one with --stop-after vae)")
     vae = AutoencoderKLWan.from_pretrained(vae_dir).to(device).eval()
-    if vae.config.z_dim != config.vae_z_dim or vae.config.base_dim != config.vae_base_dim:
-        raise ValueError(f"vae_from: the saved VAE has z_dim={vae.config.z_dim}, base_dim={vae.config.base_dim}; "
-                         f"this run's config wants {config.vae_z_dim}, {config.vae_base_dim}")
+    wanted = {"z_dim": config.vae_z_dim, "base_dim": config.vae_base_dim, "dim_mult": list(config.vae_dim_mult),
+              "is_residual": config.vae_residual, "patch_size": config.vae_patch if config.vae_patch > 1 else None}
+    differ = {k: (vae.config.get(k), v) for k, v in wanted.items() if vae.config.get(k) != v}
+    if differ:
+        raise ValueError("vae_from: the saved VAE does not fit this run's config (saved, wanted): "
+                         + ", ".join(f"{k}={got!r} vs {want!r}" for k, (got, want) in differ.items()))
     entry = {}
     log_path = os.path.join(run_dir, "train_log.json")
     if os.path.isfile(log_path):
