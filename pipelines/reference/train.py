@@ -384,7 +384,7 @@ def parse_args(argv=None):
     ap.add_argument("--vae-batch", type=int, default=16)
     # 9 frames = the first frame plus two cached chunks, the shortest clip in which every
     # causal-cache path of the encoder and decoder occurs: measured to generalise to 29-frame
-    # clips (5 frames did not), at a third of the cost.
+    # clips in a CPU probe (5-frame clips, also cropped, did not), at a third of the cost.
     ap.add_argument("--vae-frames", type=int, default=None,
                     help="VAE training clip length, 1 + 4k (default: 9, or --num-frames if shorter)")
     ap.add_argument("--vae-crop", type=int, nargs=2, default=None, metavar=("H", "W"),
