@@ -109,6 +109,17 @@ def build_tokenizer(config: ReferenceConfig):
     return build_word_tokenizer(data.vocabulary(), model_max_length=config.tokenizer_max_length)
 
 
+def vae_layout(config: ReferenceConfig) -> dict:
+    """The ``AutoencoderKLWan`` arguments that ``config`` fixes (all but the latent statistics)."""
+    n_levels, patch = len(config.vae_dim_mult), config.vae_patch
+    return {"base_dim": config.vae_base_dim, "z_dim": config.vae_z_dim, "dim_mult": list(config.vae_dim_mult),
+            "num_res_blocks": config.vae_num_res_blocks, "attn_scales": [],
+            "temperal_downsample": [True] * (n_levels - 1), "is_residual": config.vae_residual,
+            "in_channels": 3 * patch * patch, "out_channels": 3 * patch * patch,
+            "patch_size": patch if patch > 1 else None,
+            "scale_factor_temporal": 4, "scale_factor_spatial": config.spatial_factor}
+
+
 def build_components(config: ReferenceConfig | None = None) -> dict:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -124,15 +135,8 @@ def build_components(config: ReferenceConfig | None = None) -> dict:
         tie_word_embeddings=False,
     )
     text_encoder = UMT5EncoderModel(text_config)
-    n_levels, patch = len(config.vae_dim_mult), config.vae_patch
-    vae = AutoencoderKLWan(
-        base_dim=config.vae_base_dim, z_dim=config.vae_z_dim, dim_mult=list(config.vae_dim_mult),
-        num_res_blocks=config.vae_num_res_blocks, attn_scales=[], temperal_downsample=[True] * (n_levels - 1),
-        is_residual=config.vae_residual, in_channels=3 * patch * patch, out_channels=3 * patch * patch,
-        patch_size=patch if patch > 1 else None,
-        latents_mean=[0.0] * config.vae_z_dim, latents_std=[1.0] * config.vae_z_dim,  # set by train.py
-        scale_factor_temporal=4, scale_factor_spatial=config.spatial_factor,
-    )
+    vae = AutoencoderKLWan(**vae_layout(config), latents_mean=[0.0] * config.vae_z_dim,
+                           latents_std=[1.0] * config.vae_z_dim)  # the latent statistics are set by train.py
     transformer = WanTransformer3DModel(
         patch_size=tuple(config.patch_size), num_attention_heads=config.num_heads,
         attention_head_dim=config.head_dim, in_channels=config.vae_z_dim, out_channels=config.vae_z_dim,

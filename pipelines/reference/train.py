@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from pipelines.reference import data
 from pipelines.reference.build import (REFERENCE_DEFAULTS, ReferenceConfig, build_components, count_params,
-                                       fast_decode, fast_encode, zero_init_residual_branches)
+                                       fast_decode, fast_encode, vae_layout, zero_init_residual_branches)
 
 TEXT_LEN = 512      # WanPipeline's default max_sequence_length: embeddings are zero-padded to it
 TOKEN_LEN = 16      # real tokens of the longest caption (11) + eos fit; the rest is padding
@@ -332,9 +332,7 @@ def load_trained_vae(path: str, config: ReferenceConfig, device):
     if not os.path.isfile(os.path.join(vae_dir, "config.json")):
         raise FileNotFoundError(f"vae_from: no saved VAE at {vae_dir} (write one with --stop-after vae)")
     vae = AutoencoderKLWan.from_pretrained(vae_dir).to(device).eval()
-    wanted = {"z_dim": config.vae_z_dim, "base_dim": config.vae_base_dim, "dim_mult": list(config.vae_dim_mult),
-              "is_residual": config.vae_residual, "patch_size": config.vae_patch if config.vae_patch > 1 else None}
-    differ = {k: (vae.config.get(k), v) for k, v in wanted.items() if vae.config.get(k) != v}
+    differ = {k: (vae.config.get(k), v) for k, v in vae_layout(config).items() if vae.config.get(k) != v}
     if differ:
         raise ValueError("vae_from: the saved VAE does not fit this run's config (saved, wanted): "
                          + ", ".join(f"{k}={got!r} vs {want!r}" for k, (got, want) in differ.items()))
