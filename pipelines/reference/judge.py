@@ -226,7 +226,7 @@ def augment(clips: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def validation_set(clips_per_spec: int = 4, seed: int = 1234) -> tuple[torch.Tensor, list[data.Spec]]:
     specs = [s for s in data.held_out_specs() for _ in range(clips_per_spec)]
-    return data.make_batch(specs, generator=torch.Generator().manual_seed(seed)), specs
+    return data.make_batch(specs, generator=torch.Generator().manual_seed(seed), spread=1.0), specs
 
 
 def train(steps: int = 400, batch_size: int = 24, lr: float = 3e-3, seed: int = 0,
@@ -245,7 +245,7 @@ def train(steps: int = 400, batch_size: int = 24, lr: float = 3e-3, seed: int = 
             break
         idx = data.random_specs(batch_size, gen)
         # 16 rendered frames = what the judge keeps of a 29-frame clip (see prepare)
-        clips = data.make_batch(idx, num_frames=INPUT_SIZE[0], generator=gen, device=device)
+        clips = data.make_batch(idx, num_frames=INPUT_SIZE[0], generator=gen, device=device, spread=1.0)
         logits = model(augment(clips, aug_gen))
         loss = sum(F.cross_entropy(logits[k], idx[:, i].to(device)) for i, k in enumerate(HEADS))
         opt.zero_grad(set_to_none=True)

@@ -3,7 +3,8 @@
     python -m pipelines.reference.train --out DIR --device cuda --seed 0
 
 Stages (budgets in minutes; the whole run took ~8.3 minutes on one H100 with the
-earlier Wan 2.1-VAE design, and has not been timed on a GPU with this one):
+earlier Wan 2.1-VAE design, and has not been timed on a GPU with this one; the
+CPU command in the README, 45 + 50 minute budgets, took 104 minutes on 2 cores):
 
 1. VAE (``AutoencoderKLWan``, Wan 2.2's residual kind): reconstruction (L1 +
    MSE, shape pixels weighted up) plus a small KL on 9-frame procedural clips

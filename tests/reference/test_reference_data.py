@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 
 from pipelines.reference import data
@@ -62,10 +63,12 @@ def test_index_round_trip_and_random_specs():
 
 
 def _centroid_and_area(clip):
-    # the shape is the set of pixels far from the (flat) dark background
-    mask = (clip - clip[:, :, :1, :1]).abs().sum(1) > 0.5  # (T, H, W)
+    # the shape's coverage: distance from the (flat) dark background, 1 inside the shape.  Soft
+    # coverage, not a threshold: a thresholded area jumps by a row of pixels with sub-pixel moves
+    diff = (clip - clip[:, :, :1, :1]).abs().sum(1)  # (T, H, W)
+    mask = diff / diff.amax()
     ys, xs = torch.meshgrid(torch.arange(clip.shape[2]), torch.arange(clip.shape[3]), indexing="ij")
-    area = mask.sum((1, 2)).float()
+    area = mask.sum((1, 2))
     cx = (mask * xs).sum((1, 2)) / area
     cy = (mask * ys).sum((1, 2)) / area
     return cx, cy, area
@@ -84,3 +87,16 @@ def test_motions_do_what_the_caption_says():
             else:
                 assert abs(delta) < 1.0 if big != 100 else abs(delta) < 5, (motion, dx, dy, da)
         assert area.min() > 10  # in frame all the time
+
+
+def test_spread_centres_start_positions_and_is_validated():
+    idx = data.specs_to_tensor([data.Spec("circle", "red", "growing", "dark")] * 256)
+    narrow = data.sample_params(idx, 64, 128, torch.Generator().manual_seed(0), spread=0.2)
+    full = data.sample_params(idx, 64, 128, torch.Generator().manual_seed(0), spread=1.0)
+    # same draws, squeezed towards the centre of the room the shape has
+    centre = 64.0
+    assert float((narrow["x0"] - centre).abs().max()) <= 0.2 * float((full["x0"] - centre).abs().max()) + 1e-6
+    assert torch.equal(narrow["r0"], full["r0"])  # everything else is drawn identically
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="spread"):
+            data.sample_params(idx, 64, 128, spread=bad)
