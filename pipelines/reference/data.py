@@ -132,7 +132,8 @@ def sample_params(idx: torch.Tensor, height: int, width: int, generator: torch.G
     r_small = _uniform(n, 0.08, 0.11, g) * height
     r_large = _uniform(n, 0.24, 0.30, g) * height
     travel_frac = _uniform(n, 0.30, 0.45, g)
-    u_x, u_y = _uniform(n, 0.5 - spread / 2, 0.5 + spread / 2, g), _uniform(n, 0.5 - spread / 2, 0.5 + spread / 2, g)
+    u_lo, u_hi = 0.5 - spread / 2, 0.5 + spread / 2
+    u_x, u_y = _uniform(n, u_lo, u_hi, g), _uniform(n, u_lo, u_hi, g)
     colour_jit = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * 0.1
     bg_jit = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * 0.06
     checker_phase = torch.rand(n, 2, generator=g, dtype=torch.float64) * 16
