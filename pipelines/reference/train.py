@@ -23,7 +23,9 @@ CPU command in the README, 45 + 50 minute budgets, took 104 minutes on 2 cores):
    which assume exactly this target.  ``s`` is drawn as the inference
    schedule's shift of a uniform draw; 10% of captions are dropped to the
    empty prompt so classifier-free guidance works.  Shape tokens are weighted
-   up, every block starts as the identity, and ``--dit-mix`` trains most steps
+   up, every block starts as the identity, cross-attention sees the pipeline's
+   ~500 zero pads as one key with a log-count bias (``text.folded_text_padding``:
+   the same function, far fewer keys), and ``--dit-mix`` trains most steps
    on the first 1-2 latent frames (exact shorter clips: the VAE is causal),
    which is what makes the stage affordable on a CPU.  AdamW, bf16 autocast on
    CUDA, EMA weights are the ones saved.
@@ -54,9 +56,7 @@ import torch.nn.functional as F
 from pipelines.reference import data
 from pipelines.reference.build import (REFERENCE_DEFAULTS, ReferenceConfig, build_components, count_params,
                                        fast_decode, fast_encode, vae_layout, zero_init_residual_branches)
-
-TEXT_LEN = 512      # WanPipeline's default max_sequence_length: embeddings are zero-padded to it
-TOKEN_LEN = 16      # real tokens of the longest caption (11) + eos fit; the rest is padding
+from pipelines.reference.text import caption_tokens, encode_text, folded_text_padding
 
 
 def log(msg: str) -> None:
@@ -210,22 +210,6 @@ def vae_check(vae, args, device, gen, autocast, n=32) -> dict:
     return result
 
 
-def caption_tokens(tokenizer, captions, device):
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # the pipeline's own cleaning
-
-    enc = tokenizer([prompt_clean(c) for c in captions], padding="max_length", max_length=TOKEN_LEN,
-                    truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    return enc.input_ids.to(device), enc.attention_mask.to(device)
-
-
-def encode_text(text_encoder, ids, mask, text_len=TEXT_LEN):
-    """Same embeddings as WanPipeline._get_t5_prompt_embeds: run the encoder on the
-    real tokens (masked), zero every padded position, zero-pad to ``text_len``."""
-    hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
-    hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-    return F.pad(hidden, (0, 0, 0, text_len - hidden.shape[1]))
-
-
 def shifted_sigmas(n, shift, gen, device):
     u = torch.rand(n, generator=gen, device=device)
     return shift * u / (1 + (shift - 1) * u)  # same warp as the scheduler's flow_shift
@@ -261,59 +245,60 @@ def train_dit(transformer, text_encoder, tokenizer, latents, spec_idx, cover, ar
     assert torch.equal((row * strides).sum(1), torch.arange(len(all_specs), device=device))
     spec_row = (spec_idx.to(device) * strides).sum(1)
     forward = transformer
-    if args.compile:
-        # fuses Wan's many fp32 elementwise ops (modulation, norms); eager if it fails
-        forward = torch.compile(transformer)
-    budget = Budget(args.minutes_dit, args.dit_steps, args.max_steps)
-    step, hist, n = 0, [], latents.shape[0]
-    mix = args.dit_mix or [(latents.shape[2], args.dit_batch, 1.0)]
-    if max(k for k, _, _ in mix) > latents.shape[2]:
-        raise ValueError(f"dit_mix asks for more latent frames than the clips have ({latents.shape[2]})")
-    cum_p = torch.tensor([p for _, _, p in mix]).cumsum(0)
-    while not budget.done(step):
-        u = torch.rand(1, generator=gen, device=device).item()
-        frames, batch, _ = mix[min(int((cum_p < u).sum()), len(mix) - 1)]
-        pick = torch.randint(n, (batch,), generator=gen, device=device)
-        # The VAE is causal, so the first k latent frames of a clip are exactly the latents
-        # of its first 4k - 3 frames: a shorter clip from the same distribution, far cheaper.
-        x0 = latents[pick, :, :frames].float()
-        # like the VAE's fg weight: the shape is a few percent of the tokens but all of the prompt
-        weight = 1 + args.dit_fg_weight * cover[pick, :, :frames].float()
-        weight = weight / weight.mean()
-        rows = spec_row[pick]
-        drop = torch.rand(batch, generator=gen, device=device) < args.caption_dropout
-        rows = torch.where(drop, torch.full_like(rows, len(all_specs)), rows)
-        sigma = shifted_sigmas(batch, args.flow_shift, gen, device)
-        noise = torch.randn(x0.shape, generator=gen, device=device)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, budget.total, args.dit_lr, args.warmup)
-        with autocast():
-            text = encode_text(text_encoder, ids[rows], mask[rows])
-            try:
-                pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
-            except Exception as e:  # noqa: BLE001 - compilation problems only; eager is always correct
-                if forward is transformer:
-                    raise
-                log(f"  torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eager")
-                forward = transformer
-                pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
-        loss = ((pred.float() - (noise - x0)).pow(2) * weight).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        budget.plan(step + 1, device)
-        # EMA horizon: at most ~10% of the planned run (and short while warming up)
-        decay = min(args.ema, (1 + step) / (10 + step), 1 - 10 / max(10, min(budget.total, 10**6)))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - decay)
-        if step % 10 == 0:
-            hist.append(loss.item())
-        if step % args.log_every == 0:
-            log(f"dit step {step}/{budget.total} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
-        step += 1
+    with folded_text_padding(transformer) as text_len:
+        if args.compile:
+            # fuses Wan's many fp32 elementwise ops (modulation, norms); eager if it fails
+            forward = torch.compile(transformer)
+        budget = Budget(args.minutes_dit, args.dit_steps, args.max_steps)
+        step, hist, n = 0, [], latents.shape[0]
+        mix = args.dit_mix or [(latents.shape[2], args.dit_batch, 1.0)]
+        if max(k for k, _, _ in mix) > latents.shape[2]:
+            raise ValueError(f"dit_mix asks for more latent frames than the clips have ({latents.shape[2]})")
+        cum_p = torch.tensor([p for _, _, p in mix]).cumsum(0)
+        while not budget.done(step):
+            u = torch.rand(1, generator=gen, device=device).item()
+            frames, batch, _ = mix[min(int((cum_p < u).sum()), len(mix) - 1)]
+            pick = torch.randint(n, (batch,), generator=gen, device=device)
+            # The VAE is causal, so the first k latent frames of a clip are exactly the latents
+            # of its first 4k - 3 frames: a shorter clip from the same distribution, far cheaper.
+            x0 = latents[pick, :, :frames].float()
+            # like the VAE's fg weight: the shape is a few percent of the tokens but all of the prompt
+            weight = 1 + args.dit_fg_weight * cover[pick, :, :frames].float()
+            weight = weight / weight.mean()
+            rows = spec_row[pick]
+            drop = torch.rand(batch, generator=gen, device=device) < args.caption_dropout
+            rows = torch.where(drop, torch.full_like(rows, len(all_specs)), rows)
+            sigma = shifted_sigmas(batch, args.flow_shift, gen, device)
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            s = sigma.view(-1, 1, 1, 1, 1)
+            x_t = (1 - s) * x0 + s * noise
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, budget.total, args.dit_lr, args.warmup)
+            with autocast():
+                text = encode_text(text_encoder, ids[rows], mask[rows], text_len)
+                try:
+                    pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+                except Exception as e:  # noqa: BLE001 - compilation problems only; eager is always correct
+                    if forward is transformer:
+                        raise
+                    log(f"  torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eager")
+                    forward = transformer
+                    pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+            loss = ((pred.float() - (noise - x0)).pow(2) * weight).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            budget.plan(step + 1, device)
+            # EMA horizon: at most ~10% of the planned run (and short while warming up)
+            decay = min(args.ema, (1 + step) / (10 + step), 1 - 10 / max(10, min(budget.total, 10**6)))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - decay)
+            if step % 10 == 0:
+                hist.append(loss.item())
+            if step % args.log_every == 0:
+                log(f"dit step {step}/{budget.total} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            step += 1
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e.to(p.dtype))

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from pipelines.reference import build, data
+from pipelines.reference import build, data, text
 from pipelines.reference import train as T
 
 TINY = {"vae_base_dim": 4, "vae_z_dim": 4, "num_heads": 1, "head_dim": 32, "ffn_dim": 32, "num_layers": 1,
@@ -59,12 +59,37 @@ def test_training_text_embeddings_equal_the_pipeline_ones():
     pipe = _tiny_pipe()
     prompts = [data.caption(data.all_specs()[5]), ""]
     expected, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
-                                     max_sequence_length=T.TEXT_LEN)
-    ids, mask = T.caption_tokens(pipe.tokenizer, prompts, "cpu")
+                                     max_sequence_length=text.TEXT_LEN)
+    ids, mask = text.caption_tokens(pipe.tokenizer, prompts, "cpu")
     with torch.no_grad():
-        got = T.encode_text(pipe.text_encoder, ids, mask)
+        got = text.encode_text(pipe.text_encoder, ids, mask)
     assert got.shape == expected.shape == (2, 512, TINY["text_d_model"])
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_folded_text_padding_computes_the_pipelines_cross_attention():
+    """Training folds the ~500 identical zero pads into one biased key; the transformer
+    must compute the same function as on the pipeline's 512-token embeddings."""
+    pipe = _tiny_pipe()
+    with torch.no_grad():  # off the initialisation, so the pads' share of attention matters
+        for p in pipe.transformer.parameters():
+            p.normal_(0, 0.3)
+    ids, mask = text.caption_tokens(pipe.tokenizer, [data.caption(data.all_specs()[7]), ""], "cpu")
+    x, t = torch.randn(2, 4, 2, 2, 4), torch.tensor([250.0, 900.0])
+    originals = [b.attn2.processor for b in pipe.transformer.blocks]
+
+    def run(text_len):
+        with torch.no_grad():
+            embeds = text.encode_text(pipe.text_encoder, ids, mask, text_len)
+            return pipe.transformer(x, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    padded, short = run(text.TEXT_LEN), run(text.TOKEN_LEN + 1)
+    with text.folded_text_padding(pipe.transformer) as text_len:
+        folded = run(text_len)
+    assert text_len == text.TOKEN_LEN + 1
+    assert torch.allclose(folded, padded, rtol=1e-4, atol=1e-4 * padded.abs().max())
+    assert not torch.allclose(short, padded, rtol=1e-2, atol=1e-2 * padded.abs().max())  # the fold is what matters
+    assert [b.attn2.processor for b in pipe.transformer.blocks] == originals
 
 
 @pytest.mark.parametrize("which", ["pipeline", "euler"])
