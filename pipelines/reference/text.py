@@ -42,11 +42,14 @@ class FoldedPadAttnProcessor:
 
     def __init__(self, inner, n_pads: int):
         self.inner, self.log_pads = inner, math.log(n_pads)
+        self.bias = None  # (1, 1, 1, keys), built on first use: every training step has the same keys
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        bias = torch.zeros(encoder_hidden_states.shape[1], device=hidden_states.device)
-        bias[-1] = self.log_pads
-        return self.inner(attn, hidden_states, encoder_hidden_states, bias.view(1, 1, 1, -1), rotary_emb)
+        keys, device = encoder_hidden_states.shape[1], hidden_states.device
+        if self.bias is None or self.bias.shape[-1] != keys or self.bias.device != device:
+            self.bias = torch.zeros(1, 1, 1, keys, device=device)
+            self.bias[..., -1] = self.log_pads
+        return self.inner(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
 
 
 @contextlib.contextmanager
