@@ -4,13 +4,16 @@
 is a small JSON object::
 
     {"format": 1, "kind": "teacache" | "magcache", "model_class": "WanTransformer3DModel",
+     "model_fingerprint": "3f1c...",                  # accel.base.adapter.config_fingerprint
      "family": "wan", "num_steps": 50, "resolution": {...}, "token_grid": [T, H, W],
      "first_blocks": 0, "last_blocks": 0, "prompts": 4,
      "coefficients": [c4, c3, c2, c1, c0]             # teacache, highest power first
      "ratios": {"cond": [...], "uncond": [...]}}      # magcache, one ratio per step
 
-A fitted curve or ratio table is only valid for the model class and the step count it was fitted
-with (the per-step change grows as steps get fewer); loading refuses a mismatch.
+A fitted curve or ratio table is only valid for the model and the step count it was fitted with
+(the per-step change grows as steps get fewer); attaching refuses another model class, another
+architecture config (when the artifact records its fingerprint: the reference model's calibration
+on Wan2.1-1.3B, say) or another step count.
 """
 from __future__ import annotations
 
@@ -35,10 +38,15 @@ class CacheCalibration:
     source: str = "<dict>"
     meta: Dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def check_model(self, model_class: str) -> None:
+    def check_model(self, model_class: str, fingerprint: Optional[str] = None) -> None:
         if model_class != self.model_class:
             raise ValueError(f"{self.kind} calibration {self.source} was fitted for {self.model_class}, "
                              f"not {model_class}; run `accel calibrate --cache {self.kind}` for this model")
+        recorded = self.meta.get("model_fingerprint")
+        if fingerprint is not None and recorded is not None and fingerprint != recorded:
+            raise ValueError(f"{self.kind} calibration {self.source} was fitted for another {model_class} "
+                             f"(config fingerprint {recorded}, this model {fingerprint}); "
+                             f"run `accel calibrate --cache {self.kind}` for this model")
 
     def check_steps(self, num_steps: Optional[int]) -> None:
         if num_steps is not None and num_steps != self.num_steps:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from accel.base.adapter import config_fingerprint
 from accel.base.method import Method, PatchSession
 from accel.base.registry import CACHE_METHODS
 
@@ -42,8 +43,9 @@ class ResidualCache(Method):
     def attach(self, session: PatchSession) -> None:
         calibration = self.calibration
         if calibration is not None:
+            fingerprint = config_fingerprint(session.models)
             for model in session.models:
-                calibration.check_model(type(model).__name__)
+                calibration.check_model(type(model).__name__, fingerprint)
         rule = self.make_rule(session)
         self.engine = CacheEngine(self.config, rule, warn=self.warn_once,
                                   check_steps=calibration.check_steps if calibration is not None else None)

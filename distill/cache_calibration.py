@@ -11,7 +11,9 @@ call:
 * MagCache: per step t and branch, the mean over tokens of |R_t| / |R_(t-1)| (per-token L2 norm)
   of the cached span's residual R, averaged over prompts; step 0 is 1.
 
-``main(argv)`` is ``accel calibrate --cache teacache|magcache --model tiny:wan|PATH ...``.
+``main(argv)`` is ``accel calibrate --cache teacache|magcache --model tiny:wan|reference|PATH ...``;
+``--model reference`` runs the reference model at its default size and guidance on training-set
+captions (the shipped artifacts in ``pipelines/reference/calibration/`` come from it).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from accel.base.adapter import config_fingerprint
 from caching.calibration import FORMAT_VERSION, save_calibration
 from caching.configs import TeaCacheConfig
 from caching.indicators import relative_l1
@@ -91,6 +94,7 @@ def _record(pipe: Any, prompts: Sequence[str], steps: int, call_kwargs: Optional
             "format": FORMAT_VERSION,
             "kind": None,  # filled by the caller
             "model_class": type(model).__name__,
+            "model_fingerprint": config_fingerprint(session.models),
             "family": session.adapter.family,
             "num_steps": steps,
             "resolution": {k: call_kwargs[k] for k in ("height", "width", "num_frames") if k in (call_kwargs or {})},
@@ -153,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Fit a cache calibration (TeaCache polynomial or MagCache ratios) for a registered model."))
     parser.add_argument("--cache", required=True, choices=("teacache", "magcache"))
     parser.add_argument("--model", required=True,
-                        help="tiny:FAMILY (offline test pipelines) or a local pipeline folder / cached hub id")
+                        help="tiny:FAMILY (offline test pipelines), reference (the trained reference model), "
+                             "or a local pipeline folder / cached hub id")
+    parser.add_argument("--weights", help="with --model reference: a trained reference run's folder (default: shipped)")
     parser.add_argument("--prompts", type=int, default=4, help="number of prompts to run (default 4)")
-    parser.add_argument("--prompt-file", help="text file with one prompt per line (default: built-in prompts)")
+    parser.add_argument("--prompt-file", help="text file with one prompt per line (default: built-in prompts; "
+                                              "training-set captions for --model reference)")
     parser.add_argument("--steps", type=int, required=True, help="denoising steps (the artifact is valid for these)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--height", type=int)
@@ -173,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _prompts(args: argparse.Namespace) -> List[str]:
     if args.prompts < 1:
         raise ValueError(f"--prompts must be at least 1, got {args.prompts}")
+    if args.model == "reference" and not args.prompt_file:
+        from pipelines.reference.data import training_captions
+
+        return training_captions(args.prompts)
     pool = list(DEFAULT_PROMPTS)
     if args.prompt_file:
         with open(args.prompt_file) as fh:
@@ -190,11 +201,19 @@ def _load_pipeline(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
         kwargs = tiny_call_kwargs(family, seed=args.seed, steps=args.steps)
         kwargs.pop("prompt", None)
         return build_tiny_pipeline(family, seed=args.seed), kwargs
+    if args.model == "reference":
+        from pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
+
+        pipe = load_reference_pipeline(args.weights, device=args.device or "cpu")
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {k: v for k, v in REFERENCE_DEFAULTS.items() if k not in ("prompt", "seed", "num_inference_steps")}
+        kwargs["generator"] = torch.Generator(device=args.device or "cpu").manual_seed(args.seed)
+        return pipe, kwargs
     from diffusers import DiffusionPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device != "cpu" else "float32"))
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     kwargs: Dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(args.seed)}
     return pipe, kwargs
@@ -203,6 +222,8 @@ def _load_pipeline(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.weights and args.model != "reference":
+            raise ValueError("--weights goes with --model reference (other models are named by --model)")
         prompts = _prompts(args)
         pipe, call_kwargs = _load_pipeline(args)
         for option, key in (("height", "height"), ("width", "width"), ("frames", "num_frames")):

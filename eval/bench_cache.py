@@ -75,8 +75,7 @@ def fit_calibrations(bench: QualityBench, prompts: int = 4) -> Dict[str, Any]:
 def _training_captions(bench: QualityBench, count: int) -> List[str]:
     from pipelines.reference import data
 
-    specs = data.train_specs()
-    return [data.caption(specs[i * len(specs) // count]) for i in range(count)]
+    return data.training_captions(count)
 
 
 # ------------------------------------------------------------------------------------ peers

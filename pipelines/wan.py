@@ -26,7 +26,7 @@ class WanAdapter(ModelAdapter):
     # Blocks receive the projected ``timestep_proj``; the coefficients above were fitted on ``temb``,
     # the first output of the condition embedder.
     teacache_input_module = "condition_embedder"
-    presets = family_presets(balanced={"cache": {"name": "teacache", "threshold": 0.2}})
+    presets = family_presets()
     default_preset = "quality"
 
     def teacache_input(self, first_block, block_args, captured=None):

@@ -13,7 +13,6 @@ on another, because its coefficients are only meaningful for the velocity field 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from accel.base.adapter import config_fingerprint as model_fingerprint
 from accel.base.config import check_range
 from accel.base.method import PatchSession
 from accel.base.registry import SOLVER_METHODS
@@ -33,14 +33,6 @@ from .swap import SchedulerSwap
 
 ARTIFACT_FORMAT = "accel-dss"
 ARTIFACT_VERSION = 1
-
-
-def model_fingerprint(models: Sequence[torch.nn.Module]) -> str:
-    """A short hash of the architecture config of ``models`` (not the weights): it tells the tiny
-    test model from the reference model although both are ``WanTransformer3DModel``."""
-    configs = [{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in models]
-    blob = json.dumps(configs, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def dss_velocity(history: Sequence[torch.Tensor], row: Any) -> torch.Tensor:

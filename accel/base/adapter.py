@@ -1,6 +1,8 @@
 """The contract between ``accel`` and one transformer family (implemented in ``pipelines/``)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -132,3 +134,14 @@ def _get_path(obj: Any, path: str, *default: Any) -> Any:
             return default[0]
         obj = getattr(obj, part)
     return obj
+
+
+def config_fingerprint(models: Sequence[torch.nn.Module]) -> str:
+    """A short hash of the architecture config of ``models`` (not the weights).
+
+    Fitted artifacts (cache calibrations, learned solvers) record it: it tells the tiny test
+    model, the reference model and Wan2.1-1.3B apart although all are ``WanTransformer3DModel``.
+    """
+    configs = [{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in models]
+    blob = json.dumps(configs, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

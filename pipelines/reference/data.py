@@ -103,6 +103,12 @@ def held_out_specs() -> list[Spec]:
     return [s for s in all_specs() if is_held_out(s)]
 
 
+def training_captions(count: int) -> list[str]:
+    """``count`` captions spread evenly over the training combinations (for calibrations: never held out)."""
+    specs = train_specs()
+    return [caption(specs[i * len(specs) // count]) for i in range(count)]
+
+
 def specs_to_tensor(specs: Sequence[Spec]) -> torch.Tensor:
     """(N, 4) long tensor of (shape, colour, motion, background) indices."""
     return torch.tensor([spec_index(s) for s in specs], dtype=torch.long).reshape(-1, 4)

@@ -94,3 +94,33 @@ def test_calibrate_command(tmp_path, capsys):
                  "--out", str(out)]) == 2
     with pytest.raises(SystemExit):
         main(["--cache", "pab", "--model", "tiny:ltx", "--steps", "4", "--out", str(out)])
+
+
+def test_cli_calibrates_the_reference_model_at_its_own_size(tmp_path, capsys):
+    # --model reference runs the reference defaults (1,024 tokens), not WanPipeline's 480p default
+    from pipelines.reference import build
+
+    weights = tmp_path / "ref"
+    build.build_reference_pipeline().save_pretrained(str(weights))  # untrained: the CLI path, not the fit
+    out = tmp_path / "ref-magcache.json"
+    assert main(["--cache", "magcache", "--model", "reference", "--weights", str(weights), "--prompts", "1",
+                 "--steps", "3", "--out", str(out)]) == 0
+    artifact = json.loads(out.read_text())
+    assert artifact["token_grid"] == [8, 8, 16] and artifact["num_steps"] == 3
+    assert sorted(artifact["ratios"]) == ["cond", "uncond"]  # the reference default guides (scale 4)
+    assert main(["--cache", "magcache", "--model", "tiny:wan", "--weights", str(weights), "--steps", "3",
+                 "--out", str(out)]) == 2
+    assert "--weights goes with --model reference" in capsys.readouterr().err
+
+
+def test_a_calibration_for_another_config_of_the_same_class_is_refused(tmp_path):
+    # fitted on tiny Wan, applied to a Wan transformer with another architecture config
+    pipe = build_tiny_pipeline("wan")
+    path = tmp_path / "magcache.json"
+    artifact = calibrate_magcache(pipe, PROMPTS[:1], STEPS, call_kwargs=call_kwargs("wan"), out=str(path))
+    assert artifact["model_fingerprint"]
+    accel.patch(pipe, cache=MagCacheConfig(calibration=str(path))).remove()  # same model: accepted
+    other = build_tiny_pipeline("wan")
+    other.transformer.register_to_config(ffn_dim=other.transformer.config.ffn_dim * 2)
+    with pytest.raises(ValueError, match="another WanTransformer3DModel"):
+        accel.patch(other, cache=MagCacheConfig(calibration=str(path)))

@@ -92,6 +92,40 @@ def test_folded_text_padding_computes_the_pipelines_cross_attention():
     assert [b.attn2.processor for b in pipe.transformer.blocks] == originals
 
 
+def _padding_share(transformer, embeds, n_real):
+    """Mean share of each cross-attention's softmax that falls on the zero pads, for
+    LayerNorm-like video-token queries (Wan's cross-attention: q/k RMS-normed, no RoPE)."""
+    hidden = torch.randn(1, 64, transformer.config.num_attention_heads * transformer.config.attention_head_dim,
+                         generator=torch.Generator().manual_seed(0))
+    shares = []
+    with torch.no_grad():
+        context = transformer.condition_embedder.text_embedder(embeds)
+        for block in transformer.blocks:
+            attn = block.attn2
+            q = attn.norm_q(attn.to_q(hidden)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            k = attn.norm_k(attn.to_k(context)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            shares.append(weights[..., n_real:].sum(-1).mean().item())
+    return shares
+
+
+def test_cross_attention_starts_past_the_prompt_padding():
+    pipe = build.build_reference_pipeline()  # the real reference shape: 512-token prompts, head dim 64
+    ids, mask = text.caption_tokens(pipe.tokenizer, [data.caption(data.all_specs()[3])], "cpu")
+    with torch.no_grad():
+        embeds = text.encode_text(pipe.text_encoder, ids, mask)
+    n_real = int(mask.sum())
+    before = _padding_share(pipe.transformer, embeds, n_real)
+    text.init_attention_past_padding(pipe.transformer, torch.Generator().manual_seed(0))
+    after = _padding_share(pipe.transformer, embeds, n_real)
+    assert min(before) > 0.8, before  # why the initialisation exists
+    assert max(after) < 0.05, after
+    x = torch.randn(1, 16, 2, 8, 16)
+    with torch.no_grad():
+        out = pipe.transformer(x, timestep=torch.tensor([500.0]), encoder_hidden_states=embeds, return_dict=False)[0]
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("which", ["pipeline", "euler"])
 def test_training_target_matches_the_schedulers_convention(which):
     """A model that returns the exact velocity noise - x0 of a single data point
