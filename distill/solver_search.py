@@ -30,7 +30,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from solvers.learned import DSSArtifact, dss_velocity, model_fingerprint
+from accel.base.adapter import config_fingerprint
+from solvers.learned import DSSArtifact, dss_velocity
 
 TINY_PROMPTS = (
     "a red fox runs through the snowy forest at sunset",
@@ -214,7 +215,7 @@ def fit_dss(flow: WanFlow, steps: int, pairs, options: SearchOptions) -> DSSArti
            "endpoint_mse": {"euler": euler_mse, "dss": min(fitted_mse, euler_mse)}, "improved": improved,
            "wall_seconds": round(time.time() - started, 2), "cpu_seconds": round(time.process_time() - cpu_started, 2)}
     sigma_list = [float(s) for s in sigmas[:-1]] + [0.0]
-    return DSSArtifact(model_class=type(flow.models[0]).__name__, model_fingerprint=model_fingerprint(flow.models),
+    return DSSArtifact(model_class=type(flow.models[0]).__name__, model_fingerprint=config_fingerprint(flow.models),
                        steps=steps, sigmas=tuple(sigma_list),
                        coefficients=tuple(tuple(float(c) for c in rows[i, :i]) for i in range(steps)), fit=fit)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from accel.base.adapter import config_fingerprint as model_fingerprint
+from accel.base.adapter import config_fingerprint
 from accel.base.config import check_range
 from accel.base.method import PatchSession
 from accel.base.registry import SOLVER_METHODS
@@ -207,7 +207,7 @@ class DSSSolver(SchedulerSwap):
         if model_class != artifact.model_class:
             raise ValueError(f"DSS artifact {self.config.artifact!r} was fitted for {artifact.model_class}, "
                              f"not {model_class}; fit one for this model with accel calibrate --solver dss")
-        fingerprint = model_fingerprint(session.models)
+        fingerprint = config_fingerprint(session.models)
         if self.config.check_model and fingerprint != artifact.model_fingerprint:
             raise ValueError(f"DSS artifact {self.config.artifact!r} was fitted for another {model_class} "
                              f"(config fingerprint {artifact.model_fingerprint}, this model {fingerprint}); "

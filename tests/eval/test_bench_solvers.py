@@ -10,7 +10,8 @@ from distill.solver_search import SearchOptions, search
 from eval.bench_solvers import main
 from pipelines.reference import data
 from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
-from solvers.learned import DSSArtifact, model_fingerprint
+from accel.base.adapter import config_fingerprint
+from solvers.learned import DSSArtifact
 
 TEACHER_STEPS = 6
 
@@ -35,7 +36,7 @@ def euler_equivalent_artifact(pipe, steps):
     with accel.patched(pipe, solver={"name": "euler", "steps": steps}):
         pipe.scheduler.set_timesteps(steps)
         sigmas = [float(s) for s in pipe.scheduler.sigmas]
-    return DSSArtifact(model_class=type(pipe.transformer).__name__, model_fingerprint=model_fingerprint([pipe.transformer]),
+    return DSSArtifact(model_class=type(pipe.transformer).__name__, model_fingerprint=config_fingerprint([pipe.transformer]),
                        steps=steps, sigmas=tuple(sigmas), coefficients=tuple((0.0,) * i for i in range(steps)))
 
 
