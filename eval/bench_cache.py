@@ -28,6 +28,8 @@ import re
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
+from pipelines.reference import data
+
 from .quality_bench import QualityBench, add_workload_args, environment, load_workload, patch_setup, write_result
 
 # (method, params): thresholds from "nearly exact" (fbcache 0.05 reuses nothing on the reference
@@ -65,17 +67,11 @@ def fit_calibrations(bench: QualityBench, prompts: int = 4) -> Dict[str, Any]:
     """Our TeaCache polynomial and MagCache ratios for this model, step count and size."""
     from distill.cache_calibration import calibrate_magcache, calibrate_teacache
 
-    captions = _training_captions(bench, prompts)
+    captions = data.training_captions(prompts)
     kwargs = {k: v for k, v in bench.workload.call_kwargs.items() if k != "num_inference_steps"}
     steps = bench.workload.call_kwargs.get("num_inference_steps", 25)
     return {"teacache": calibrate_teacache(bench.workload.pipe, captions, steps, call_kwargs=kwargs),
             "magcache": calibrate_magcache(bench.workload.pipe, captions, steps, call_kwargs=kwargs)}
-
-
-def _training_captions(bench: QualityBench, count: int) -> List[str]:
-    from pipelines.reference import data
-
-    return data.training_captions(count)
 
 
 # ------------------------------------------------------------------------------------ peers
@@ -92,7 +88,7 @@ def diffusers_magcache_ratios(bench: QualityBench) -> List[float]:
     from diffusers import MagCacheConfig
 
     steps = bench.workload.call_kwargs.get("num_inference_steps", 25)
-    caption = _training_captions(bench, 1)[0]
+    caption = data.training_captions(1)[0]
     pipe = bench.workload.pipe
     printed = io.StringIO()
     pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
