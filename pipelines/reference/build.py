@@ -39,7 +39,7 @@ import torch
 from pipelines.reference import data
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-# Artifacts fitted on the shipped weights: {teacache,magcache}-25.json, dss-{4,6,8}.json.
+# Artifacts fitted on the shipped weights: {teacache,magcache}-25.json, dss-{4,6,8,10}.json.
 CALIBRATION_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration")
 
 # Everything but "seed" is a WanPipeline argument; generate() turns the seed into a generator.

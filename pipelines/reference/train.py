@@ -40,7 +40,10 @@ then runs a fixed number of steps (logged), so ``--vae-steps``/``--dit-steps``
 reproduce a run exactly (up to CUDA nondeterminism).  The run can be split
 where the VAE ends: ``--stop-after vae`` saves ``OUT/vae`` and the log, and
 ``--vae-from OUT`` starts the next run at stage 2 with that VAE (two device
-calls of ~5 minutes instead of one of ~9).
+calls of ~5 minutes instead of one of ~9).  ``--dit-from DIR`` continues stage 3 from a
+finished run (its VAE and latent statistics, text encoder and transformer), so the transformer
+can be trained longer in pieces that each fit one budget; use a new ``--seed`` per piece for
+fresh clips and noise.
 """
 
 from __future__ import annotations
@@ -337,6 +340,27 @@ def load_trained_vae(path: str, config: ReferenceConfig, device):
     return vae, {**entry, "loaded_from": path}
 
 
+def load_trained_dit(path: str, config: ReferenceConfig, device) -> tuple[dict, dict]:
+    """The VAE, text encoder and transformer of a saved pipeline (``--dit-from``), to train on."""
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    vae, _ = load_trained_vae(path, config, device)
+    if not vae.config.get("latents_mean"):
+        raise ValueError(f"dit_from: the VAE at {path} has no latents_mean/latents_std (not a finished run)")
+    comps = {"vae": vae,
+             "text_encoder": UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder")).to(device),
+             "transformer": WanTransformer3DModel.from_pretrained(os.path.join(path, "transformer")).to(device)}
+    entry = {"loaded_from": path}
+    log_path = os.path.join(path, "train_log.json")
+    if os.path.isfile(log_path):
+        with open(log_path) as f:
+            before = json.load(f)
+        entry.update(command=before.get("command"), seed=before.get("seed"),
+                     steps_before=before.get("dit", {}).get("steps_total", before.get("dit", {}).get("steps")))
+    return comps, entry
+
+
 def write_log(out: str, result: dict, t0: float) -> None:
     result["wall_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "train_log.json"), "w") as f:
@@ -416,6 +440,11 @@ def parse_args(argv=None):
     ap.add_argument("--stop-after", choices=["vae"], default=None, help="save the VAE and stop")
     ap.add_argument("--vae-from", default=None,
                     help="skip stage 1: load the VAE saved by --stop-after vae (a run directory or its vae/)")
+    # Longer runs in pieces: each piece is one command within a wall budget; a new --seed draws
+    # a fresh dataset and noise, and the learning rate warms up again (optimizer state is not kept).
+    ap.add_argument("--dit-from", default=None,
+                    help="continue stage 3 from a saved pipeline (its VAE with its latent statistics, text "
+                         "encoder and transformer); stages 1 and the initialisations are skipped")
     return ap.parse_args(argv)
 
 
@@ -458,7 +487,15 @@ def main(argv=None) -> dict:
     import transformers
     result["versions"].update(diffusers=diffusers.__version__, transformers=transformers.__version__)
 
-    if args.vae_from:
+    if args.dit_from and (args.vae_from or args.stop_after):
+        raise ValueError("dit_from continues from a finished run: it takes neither vae_from nor stop_after")
+    if args.dit_from:
+        loaded, result["dit_from"] = load_trained_dit(args.dit_from, config, device)
+        comps.update(loaded)
+        args.dit_zero_init = args.dit_pad_init = False  # initialisations are for a fresh transformer
+        result["vae"] = {"loaded_from": args.dit_from}
+        log(f"stages 1 and 3 continue from {args.dit_from} ({result['dit_from'].get('steps_before')} DiT steps)")
+    elif args.vae_from:
         comps["vae"], result["vae"] = load_trained_vae(args.vae_from, config, device)
         log(f"stage 1: VAE loaded from {args.vae_from}")
     else:
@@ -475,11 +512,15 @@ def main(argv=None) -> dict:
     log("stage 2: encode dataset")
     t = time.time()
     latents, spec_idx, cover = encode_dataset(comps["vae"], args, device, gen, autocast)
-    flat = latents.float().transpose(0, 1).reshape(latents.shape[1], -1)
-    mean, std = flat.mean(1), flat.std(1).clamp(min=1e-4)
-    del flat
-    comps["vae"].register_to_config(latents_mean=[round(float(v), 5) for v in mean],
-                                    latents_std=[round(float(v), 5) for v in std])
+    if args.dit_from:  # the transformer was trained on this normalisation: keep it
+        mean, std = (torch.tensor(comps["vae"].config[k], device=latents.device)
+                     for k in ("latents_mean", "latents_std"))
+    else:
+        flat = latents.float().transpose(0, 1).reshape(latents.shape[1], -1)
+        mean, std = flat.mean(1), flat.std(1).clamp(min=1e-4)
+        del flat
+        comps["vae"].register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                                        latents_std=[round(float(v), 5) for v in std])
     shape = (1, -1, 1, 1, 1)
     latents = ((latents.float() - mean.view(shape)) / std.view(shape)).to(latents.dtype)
     result["dataset"] = {"clips": int(latents.shape[0]), "latent_shape": list(latents.shape[1:]),
@@ -491,6 +532,7 @@ def main(argv=None) -> dict:
     log("stage 3: text encoder + transformer (flow matching)")
     result["dit"] = train_dit(comps["transformer"], comps["text_encoder"], comps["tokenizer"], latents,
                               spec_idx, cover, args, device, dev_gen, autocast)
+    result["dit"]["steps_total"] = result["dit"]["steps"] + (result.get("dit_from", {}).get("steps_before") or 0)
     log(f"  DiT steps {result['dit']['steps']} final loss {result['dit']['final_loss']:.4f}")
     del latents
 

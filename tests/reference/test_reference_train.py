@@ -183,6 +183,29 @@ def test_training_resumes_from_a_saved_vae(tmp_path):
                 "--config", json.dumps({**TINY, "vae_z_dim": 8})])  # argparse: the last --config wins
 
 
+def test_training_continues_from_a_saved_pipeline(tmp_path):
+    from diffusers import WanPipeline
+
+    first = T.main(["--out", str(tmp_path / "a"), *TINY_RUN])
+    more = T.main(["--out", str(tmp_path / "b"), "--dit-from", str(tmp_path / "a"), *TINY_RUN, "--seed", "1"])
+    assert more["dit_from"]["steps_before"] == 2 and more["dit"]["steps_total"] == 4
+    a, b = (WanPipeline.from_pretrained(str(tmp_path / d)) for d in ("a", "b"))
+    # the transformer was trained on the first run's latent statistics: they are kept, not refitted
+    assert b.vae.config.latents_mean == a.vae.config.latents_mean == first["dataset"]["latents_mean"]
+    for p, q in zip(a.vae.parameters(), b.vae.parameters()):
+        assert torch.equal(p, q)
+    # trained further (every weight moves) from the saved weights, not from a fresh init of seed 1
+    for module in ("transformer", "text_encoder"):
+        for (name, p), q in zip(getattr(a, module).named_parameters(), getattr(b, module).parameters()):
+            if p.abs().max() > 0.01:
+                assert 0 < (p - q).abs().max() < 0.1 * p.abs().max(), (module, name)
+    with pytest.raises(FileNotFoundError, match="vae"):
+        T.main(["--out", str(tmp_path / "c"), "--dit-from", str(tmp_path / "nothing"), *TINY_RUN])
+    with pytest.raises(ValueError, match="dit_from"):
+        T.main(["--out", str(tmp_path / "c"), "--dit-from", str(tmp_path / "a"), "--vae-from", str(tmp_path / "a"),
+                *TINY_RUN])
+
+
 def test_zero_initialised_transformer_starts_at_zero_velocity_and_still_learns():
     pipe = _tiny_pipe()
     T.zero_init_dit_outputs(pipe.transformer)

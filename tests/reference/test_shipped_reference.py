@@ -77,7 +77,7 @@ def test_shipped_cache_calibrations_load_and_skip_steps(pipe, dense_video, kind,
 
 
 
-@pytest.mark.parametrize("steps", [4, 6, 8])  # dss-10: search not finished yet (issue 7)
+@pytest.mark.parametrize("steps", [4, 6, 8, 10])
 def test_shipped_dss_solvers_run_their_step_count(pipe, dense_video, steps):
     import accel
     from eval.metrics import psnr
