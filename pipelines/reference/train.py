@@ -356,8 +356,9 @@ def load_trained_dit(path: str, config: ReferenceConfig, device) -> tuple[dict, 
     if os.path.isfile(log_path):
         with open(log_path) as f:
             before = json.load(f)
+        dit = before.get("dit", {})  # a continued run logs its running total
         entry.update(command=before.get("command"), seed=before.get("seed"),
-                     steps_before=before.get("dit", {}).get("steps_total", before.get("dit", {}).get("steps")))
+                     steps_before=dit.get("steps_total", dit.get("steps")))
     return comps, entry
 
 
