@@ -6,7 +6,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-import pipelines  # noqa: F401  (fills the model-adapter registry)
+from accel import pipelines  # noqa: F401  (fills the model-adapter registry)
 from accel.base.adapter import ModelAdapter
 from accel.base.changes import ChangeLog
 from accel.base.context import StepContext

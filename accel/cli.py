@@ -35,7 +35,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from eval.demo import DemoError, DemoOptions, run_demo
+    from accel.eval.demo import DemoError, DemoOptions, run_demo
 
     options = DemoOptions(out=args.out, prompt=args.prompt, preset=args.preset, seed=args.seed, steps=args.steps,
                           model=args.model, height=args.height, width=args.width, frames=args.frames)
@@ -49,10 +49,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # `accel bench TARGET ...` -> the benchmark module whose main(argv) takes the rest of the line.
 BENCHMARKS = {
-    "attention": "eval.bench_attention_kernels",
-    "cache": "eval.bench_cache",
-    "solvers": "eval.bench_solvers",
-    "sparse": "eval.bench_sparse_quality",
+    "attention": "accel.eval.bench_attention_kernels",
+    "cache": "accel.eval.bench_cache",
+    "solvers": "accel.eval.bench_solvers",
+    "sparse": "accel.eval.bench_sparse_quality",
 }
 
 
@@ -65,11 +65,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _calibrate(rest: List[str]) -> int:
     """``--solver dss ...`` goes to the solver search, ``--cache teacache|magcache ...`` to the cache fit."""
     if any(a == "--solver" or a.startswith("--solver=") for a in rest):
-        from distill.solver_search import main as calibrate_solver
+        from accel.distill.solver_search import main as calibrate_solver
 
         return int(calibrate_solver(rest) or 0)
     if any(a == "--cache" or a.startswith("--cache=") for a in rest):
-        from distill.cache_calibration import main as calibrate_cache
+        from accel.distill.cache_calibration import main as calibrate_cache
 
         return int(calibrate_cache(rest) or 0)
     print("accel calibrate: error: say what to calibrate: --cache teacache|magcache ... or --solver dss ...",

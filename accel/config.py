@@ -5,9 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Type
 
-import attention  # noqa: F401  (fills the method registries)
-import caching  # noqa: F401
-import solvers  # noqa: F401
+from accel import attention  # noqa: F401  (fills the method registries)
+from accel import caching  # noqa: F401
+from accel import solvers  # noqa: F401
 from accel.base.registry import METHOD_REGISTRIES, method_registry
 
 OFF = (None, "off", "none")

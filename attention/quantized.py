@@ -1,7 +1,7 @@
 """``attention="int8"``: dense attention on the INT8 kernel; and the ``quantize`` option of sparse patterns.
 
 SageAttention-style: Q and K in INT8 with per-tile scales (K smoothed by its token mean first), the
-softmax in fp32, P @ V in the input dtype or in FP8 (``attention.kernels.quantize`` has the
+softmax in fp32, P @ V in the input dtype or in FP8 (``accel.attention.kernels.quantize`` has the
 details). ``int8`` is the sparse machinery (``SparseAttention``: text padding, batch groups,
 fallback reasons) run over a full block layout, so dense and sparse quantized attention are the
 same kernel with different block lists; a sparse pattern turns it on with ``quantize="int8"``
@@ -33,7 +33,7 @@ import torch
 from accel.base.config import check_choice, check_range
 from accel.base.context import AttnContext
 from accel.base.registry import ATTENTION_METHODS
-from attention.kernels import BlockLayout
+from accel.attention.kernels import BlockLayout
 
 from .patterns.base import QUANT_BACKENDS, BlockPattern, BlockPlan, check_quantization
 from .reorder import TokenPermutation

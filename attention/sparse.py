@@ -1,12 +1,12 @@
 """Block-sparse attention methods: ``attention="spatiotemporal" | "radial" | "tile_window" | "topk" | "cluster"``.
 
-One ``SparseAttention`` base runs any pattern from ``attention.patterns``: dense warm-up steps and
+One ``SparseAttention`` base runs any pattern from ``accel.attention.patterns``: dense warm-up steps and
 dense first layers, reasons to fall back (no grid, a mask that is not text padding, no kernel for
 the dtype/head dim/device), text padding handled by dropping the padded keys, the block-sparse
 kernel between the pattern's permutation and its inverse, and density counters for
 ``Handle.summary()``. Each registered method only names its pattern and config.
 ``quantize="int8"`` on any pattern's config runs its sparse calls on the INT8 kernel instead
-(``attention.quantized`` explains the precision choices and the CPU fallback).
+(``accel.attention.quantized`` explains the precision choices and the CPU fallback).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 
 from accel.base.context import AttnContext
 from accel.base.registry import ATTENTION_METHODS
-from attention.kernels import (block_sparse_attention, quant_triton_supported, quantized_block_sparse_attention,
-                               triton_supported)
+from accel.attention.kernels import (block_sparse_attention, quant_triton_supported, quantized_block_sparse_attention,
+                                     triton_supported)
 
 from .base import AttentionMethod
 from .intercept import dense_attention

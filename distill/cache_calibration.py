@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from accel.base.adapter import config_fingerprint
-from caching.calibration import FORMAT_VERSION, save_calibration
-from caching.configs import TeaCacheConfig
-from caching.indicators import relative_l1
+from accel.caching.calibration import FORMAT_VERSION, save_calibration
+from accel.caching.configs import TeaCacheConfig
+from accel.caching.indicators import relative_l1
 
 DEFAULT_PROMPTS = (
     "a red fox runs through the snowy forest at sunset",
@@ -181,7 +181,7 @@ def _prompts(args: argparse.Namespace) -> List[str]:
     if args.prompts < 1:
         raise ValueError(f"--prompts must be at least 1, got {args.prompts}")
     if args.model == "reference" and not args.prompt_file:
-        from pipelines.reference.data import training_captions
+        from accel.pipelines.reference.data import training_captions
 
         return training_captions(args.prompts)
     pool = list(DEFAULT_PROMPTS)
@@ -195,14 +195,14 @@ def _prompts(args: argparse.Namespace) -> List[str]:
 
 def _load_pipeline(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     if args.model.startswith("tiny:"):
-        from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+        from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
         family = args.model.split(":", 1)[1]
         kwargs = tiny_call_kwargs(family, seed=args.seed, steps=args.steps)
         kwargs.pop("prompt", None)
         return build_tiny_pipeline(family, seed=args.seed), kwargs
     if args.model == "reference":
-        from pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
+        from accel.pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
 
         pipe = load_reference_pipeline(args.weights, device=args.device or "cpu")
         pipe.set_progress_bar_config(disable=True)

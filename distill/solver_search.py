@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from accel.base.adapter import config_fingerprint
-from solvers.learned import DSSArtifact, dss_velocity
+from accel.solvers.learned import DSSArtifact, dss_velocity
 
 TINY_PROMPTS = (
     "a red fox runs through the snowy forest at sunset",
@@ -241,7 +241,7 @@ def _load_model(spec: str, weights: Optional[str] = None):
     """(pipeline, default SearchOptions fields) for ``tiny:wan``, ``tiny:wan22``, ``reference`` (the shipped
     weights, or ``weights``: another trained reference run) or a folder."""
     if spec.startswith("tiny:"):
-        from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+        from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
         family = spec.split(":", 1)[1]
         if family not in ("wan", "wan22"):
@@ -252,8 +252,8 @@ def _load_model(spec: str, weights: Optional[str] = None):
                         guidance_scale_2=kwargs.get("guidance_scale_2"), max_sequence_length=kwargs["max_sequence_length"])
         return build_tiny_pipeline(family), defaults
     if spec == "reference":
-        from pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
-        from pipelines.reference import data
+        from accel.pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
+        from accel.pipelines.reference import data
 
         specs = data.random_specs(32, torch.Generator("cpu").manual_seed(0))  # training combinations only
         prompts = tuple(data.caption(data.spec_from_index(s)) for s in specs)

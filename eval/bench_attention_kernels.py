@@ -3,7 +3,7 @@
     python eval/bench_attention_kernels.py --device cuda --shape all --json out.json
     python eval/bench_attention_kernels.py --device cpu --shape tiny
 
-Imports only torch, triton, numpy and attention.kernels (the GPU machine has no
+Imports only torch, triton, numpy and accel.attention.kernels (the GPU machine has no
 diffusers). For each shape and density it builds one random layout that keeps
 each query block's diagonal key block (so no row is empty), then times:
   triton      our block-sparse kernel (CUDA only)
@@ -35,9 +35,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention.kernels import (BlockLayout, block_sparse_attention_flex, block_sparse_attention_quant_triton,
-                               block_sparse_attention_reference, block_sparse_attention_triton, fp8_supported,
-                               quant_triton_supported, quantized_attention_reference, triton_supported)
+from accel.attention.kernels import (BlockLayout, block_sparse_attention_flex, block_sparse_attention_quant_triton,
+                                     block_sparse_attention_reference, block_sparse_attention_triton, fp8_supported,
+                                     quant_triton_supported, quantized_attention_reference, triton_supported)
 
 try:
     import triton

@@ -28,7 +28,7 @@ import re
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
-from pipelines.reference import data
+from accel.pipelines.reference import data
 
 from .quality_bench import QualityBench, add_workload_args, environment, load_workload, patch_setup, write_result
 
@@ -47,7 +47,7 @@ ACCEL_SWEEP = (
 
 
 def accel_rows(bench: QualityBench, calibrations: Dict[str, Any], only=None) -> List[Dict[str, Any]]:
-    from caching.configs import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig
+    from accel.caching.configs import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig
 
     classes = {"fbcache": FBCacheConfig, "teacache": TeaCacheConfig, "magcache": MagCacheConfig,
                "easycache": EasyCacheConfig, "fixed": FixedCacheConfig}
@@ -65,7 +65,7 @@ def accel_rows(bench: QualityBench, calibrations: Dict[str, Any], only=None) -> 
 
 def fit_calibrations(bench: QualityBench, prompts: int = 4) -> Dict[str, Any]:
     """Our TeaCache polynomial and MagCache ratios for this model, step count and size."""
-    from distill.cache_calibration import calibrate_magcache, calibrate_teacache
+    from accel.distill.cache_calibration import calibrate_magcache, calibrate_teacache
 
     captions = data.training_captions(prompts)
     kwargs = {k: v for k, v in bench.workload.call_kwargs.items() if k != "num_inference_steps"}

@@ -32,8 +32,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from eval.quality_bench import (QualityBench, add_workload_args, environment, load_workload, patch_setup,
-                                write_result)
+from accel.eval.quality_bench import (QualityBench, add_workload_args, environment, load_workload, patch_setup,
+                                      write_result)
 
 SOLVERS = ("euler", "heun", "unipc", "dpmpp", "dss")
 DEFAULT_SOLVERS = ("euler", "unipc", "dpmpp", "dss")

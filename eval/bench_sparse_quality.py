@@ -31,9 +31,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from attention.kernels import resolve_backend
-from eval.quality_bench import (QualityBench, add_workload_args, environment, load_workload, patch_setup,
-                                write_result)
+from accel.attention.kernels import resolve_backend
+from accel.eval.quality_bench import (QualityBench, add_workload_args, environment, load_workload, patch_setup,
+                                      write_result)
 
 PATTERNS = ("spatiotemporal", "radial", "tile_window", "topk", "cluster")
 # Methods without a density knob, measured once each (at density 1.0) by the same two checks:
@@ -130,7 +130,7 @@ def attention_error(captures: Sequence[Captured], config) -> Dict[str, Any]:
     """Relative L2 error and cosine similarity of the pattern ``config`` against fp32 dense
     attention on the captured inputs, plus the density it realised there."""
     from accel.config import resolve_method
-    from attention.intercept import dense_attention
+    from accel.attention.intercept import dense_attention
 
     method_cls, config = resolve_method("attention", config)
     method = method_cls(config)  # fresh: dynamic patterns keep state across calls

@@ -57,7 +57,7 @@ def prepare_output(out: str) -> str:
 
 def load_pipeline(model: Optional[str]):
     if model is None:
-        from pipelines.reference.build import load_reference_pipeline
+        from accel.pipelines.reference.build import load_reference_pipeline
 
         try:
             return load_reference_pipeline()
@@ -77,7 +77,7 @@ def call_kwargs(pipe, options: DemoOptions) -> Dict[str, Any]:
     """Generation arguments: the reference defaults for the reference model, else the pipeline's own."""
     kwargs: Dict[str, Any] = {}
     if options.model is None:
-        from pipelines.reference.build import REFERENCE_DEFAULTS
+        from accel.pipelines.reference.build import REFERENCE_DEFAULTS
 
         kwargs.update({k: v for k, v in REFERENCE_DEFAULTS.items() if k != "seed"})
     if options.prompt is not None:

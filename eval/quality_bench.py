@@ -5,7 +5,7 @@ prompts and seeds with the knob set, and compare with the dense output of the sa
 seeds measured in the same process. :class:`QualityBench` holds the workload (pipeline, prompts,
 seeds, call arguments), generates and times a run, and turns a run into a JSON row:
 
-- ``psnr`` / ``ssim``: mean over prompts of the per-frame means (``eval.metrics``), against the
+- ``psnr`` / ``ssim``: mean over prompts of the per-frame means (``accel.eval.metrics``), against the
   baseline videos (the dense pipeline unless a benchmark names another, e.g. a 50-step teacher);
 - ``prompt_accuracy``: the toy-domain judge's reading of shape, colour and motion (reference
   model only: its prompts are captions of held-out specs; ``None`` elsewhere);
@@ -60,12 +60,12 @@ def load_workload(args: argparse.Namespace) -> Workload:
         raise ValueError(f"prompts: expected >= 1, got {args.prompts}")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    from pipelines.reference import data
+    from accel.pipelines.reference import data
 
     specs = data.held_out_specs()[: args.prompts]
     prompts = [data.caption(s) for s in specs]
     if args.model == "tiny":
-        from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+        from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
         pipe = build_tiny_pipeline("wan", seed=0)
         kwargs = {k: v for k, v in tiny_call_kwargs("wan", seed=0).items()
@@ -73,7 +73,7 @@ def load_workload(args: argparse.Namespace) -> Workload:
         specs = None
         description = {"model": "tiny wan (random weights): plumbing check, numbers mean nothing"}
     else:
-        from pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
+        from accel.pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
 
         pipe = load_reference_pipeline(args.weights)
         kwargs = {k: v for k, v in REFERENCE_DEFAULTS.items() if k not in ("prompt", "seed", "negative_prompt")}
@@ -160,7 +160,7 @@ class QualityBench:
     def prompt_accuracy(self, videos: torch.Tensor) -> Optional[float]:
         if self.workload.specs is None:
             return None
-        from pipelines.reference import judge as J
+        from accel.pipelines.reference import judge as J
 
         if self._judge is None:
             self._judge = J.load_judge()

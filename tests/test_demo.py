@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipelines.tiny import build_tiny_pipeline
+from accel.pipelines.tiny import build_tiny_pipeline
 
 TINY_FLAGS = ["--steps", "2", "--height", "64", "--width", "64", "--frames", "9"]
 

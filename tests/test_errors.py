@@ -8,9 +8,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 import accel
 from accel.base.config import check_choice, check_range
 from accel.base.registry import ATTENTION_METHODS
-from attention.base import AttentionMethod
-from attention.dense import DenseAttentionConfig
-from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from accel.attention.base import AttentionMethod
+from accel.attention.dense import DenseAttentionConfig
+from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,8 @@ def test_fallback_is_exactly_dense_with_one_warning(wan_pipe, run_pipeline, monk
 
 
 def test_exception_inside_attention_does_not_leave_routing_on(wan_pipe, monkeypatch):
-    from attention import intercept
-    from attention.dense import DenseAttention
+    from accel.attention import intercept
+    from accel.attention.dense import DenseAttention
 
     def boom(self, *args, **kwargs):
         raise RuntimeError("kernel failed")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import accel
-from pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
+from accel.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

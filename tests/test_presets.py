@@ -4,7 +4,7 @@ import torch
 
 import accel
 from accel.api import adapter_for
-from pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
+from accel.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

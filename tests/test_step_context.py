@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import accel
-from attention.dense import DenseAttention
-from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from accel.attention.dense import DenseAttention
+from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
 
 def record_calls(handle, model):

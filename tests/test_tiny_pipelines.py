@@ -1,4 +1,4 @@
-"""Tiny offline diffusers pipelines (pipelines.tiny): build, run, shapes,
+"""Tiny offline diffusers pipelines (accel.pipelines.tiny): build, run, shapes,
 token grids, determinism; plus the word tokenizer."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from pipelines.tiny import (
+from accel.pipelines.tiny import (
     TINY_FAMILIES,
     TINY_TOKEN_GRIDS,
     build_tiny_pipeline,
     build_word_tokenizer,
     tiny_call_kwargs,
 )
-from pipelines.tiny import hunyuan_video as tiny_hunyuan
+from accel.pipelines.tiny import hunyuan_video as tiny_hunyuan
 
 EXPECTED_CLASS = {
     "wan": "WanPipeline",

@@ -1,7 +1,7 @@
 """Block-sparse attention patterns: how each call's key blocks are chosen.
 
 Each pattern is a small class with a validated config (``PatternConfig`` knobs plus its own) and
-``block_layout(q, k, ctx) -> BlockPlan(layout, permutation, density)``. ``attention.sparse`` turns
+``block_layout(q, k, ctx) -> BlockPlan(layout, permutation, density)``. ``accel.attention.sparse`` turns
 each into a registered attention method.
 """
 from .base import BlockPattern, BlockPlan, Geometry, PatternConfig, geometry_of

@@ -16,8 +16,8 @@ import torch
 
 from accel.base.config import check_choice, check_range
 from accel.base.context import AttnContext, TokenLayout
-from attention.kernels import BlockLayout
-from attention.reorder import TokenPermutation, identity_order, place_text
+from accel.attention.kernels import BlockLayout
+from accel.attention.reorder import TokenPermutation, identity_order, place_text
 
 BACKENDS = ("auto", "triton", "flex", "torch")
 QUANTIZE = ("none", "int8")
@@ -51,7 +51,7 @@ class PatternConfig:
     dense_layers: the first attention layers run densely.
     block_size: tokens per query and key block (a power of two; kernels tile by it).
     backend: block-sparse backend ("auto": Triton on CUDA, compiled FlexAttention on CPU).
-    quantize: "int8" runs the sparse calls on the INT8 kernel (``attention.quantized``); with it,
+    quantize: "int8" runs the sparse calls on the INT8 kernel (``accel.attention.quantized``); with it,
         pv ("input": P and V in the input dtype, "fp8", "auto": fp8 on sm89+), and the sparse
         calls that stay unquantized: the first full_precision_steps fraction of steps and the
         first full_precision_layers layers (the dense warm-up and dense layers are unquantized too).
@@ -302,7 +302,7 @@ class BlockPattern:
                       scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(visual block mask (B|1, H|1, nv, nv), query visual order, key visual order).
 
-        Orders are (N,), (H, N) or (B, H, N) indices into the visual span (``attention.reorder``),
+        Orders are (N,), (H, N) or (B, H, N) indices into the visual span (``accel.attention.reorder``),
         or None for the model's own order; a None key order follows the query order.
         """
         raise NotImplementedError

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from accel.base.config import check_range
-from attention.reorder import AXIS_ORDERS, axis_order, inverse_permutation
+from accel.attention.reorder import AXIS_ORDERS, axis_order, inverse_permutation
 
 from .base import BlockPattern, Geometry, PatternConfig, num_blocks
 

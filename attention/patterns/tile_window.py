@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attention.reorder import tile_major_order
+from accel.attention.reorder import tile_major_order
 
 from .base import BlockPattern, Geometry, PatternConfig, check_triple, num_blocks
 

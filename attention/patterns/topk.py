@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from accel.base.config import check_choice, check_range
-from attention.reorder import hilbert_order, tile_major_order, token_major_order
+from accel.attention.reorder import hilbert_order, tile_major_order, token_major_order
 
 from .base import (BlockPattern, Geometry, PatternConfig, block_self_similarity, block_sizes,
                    density_budget, pool_blocks, select_blocks)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipelines.reference import data
+from accel.pipelines.reference import data
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 # Artifacts fitted on the shipped weights: {teacache,magcache}-25.json, dss-{4,6,8,10}.json.
@@ -106,7 +106,7 @@ class ReferenceConfig:
 
 
 def build_tokenizer(config: ReferenceConfig):
-    from pipelines.tiny.tokenizer import build_word_tokenizer
+    from accel.pipelines.tiny.tokenizer import build_word_tokenizer
 
     return build_word_tokenizer(data.vocabulary(), model_max_length=config.tokenizer_max_length)
 
@@ -169,7 +169,7 @@ def load_reference_pipeline(path: str | None = None, torch_dtype: torch.dtype = 
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
             f"no trained reference pipeline at {path} (expected model_index.json); "
-            "train one with: python -m pipelines.reference.train --out DIR")
+            "train one with: python -m accel.pipelines.reference.train --out DIR")
     pipe = WanPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     if device is not None:
         pipe = pipe.to(device)

@@ -1,6 +1,6 @@
 """Judge the reference model on the held-out prompts.
 
-    python -m pipelines.reference.evaluate [--weights DIR] [--steps N] [--limit K] [--out FILE]
+    python -m accel.pipelines.reference.evaluate [--weights DIR] [--steps N] [--limit K] [--out FILE]
 
 Generates one video per held-out prompt (prompt ``i`` always uses seed
 ``seed + i``, whatever the batching) and reports, with the judge of
@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from pipelines.reference import data
-from pipelines.reference import judge as J
-from pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
+from accel.pipelines.reference import data
+from accel.pipelines.reference import judge as J
+from accel.pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
 
 
 def generate_videos(pipe, specs, steps=None, guidance=None, seed=None, batch_size=8, **kwargs) -> torch.Tensor:

@@ -18,7 +18,7 @@ The classifier is a small 2D + 3D CNN (143k parameters, 0.6 MB, see
 accepts other resolutions.  It is trained on clips of the *training*
 combinations only (with noise/blur augmentation so that imperfect generated
 clips are judged fairly) and validated on the held-out combinations:
-``python -m pipelines.reference.judge --train [--device cuda]``.  The shipped
+``python -m accel.pipelines.reference.judge --train [--device cuda]``.  The shipped
 weights (``judge.json`` records how) used ``--steps 1000 --batch-size 32
 --device cuda``: 15 s on an H100, 100% on every held-out attribute.  The same
 recipe runs on CPU (1-2 s a step on two free cores); data are drawn on the
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.reference import data
+from accel.pipelines.reference import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "judge.safetensors")
@@ -140,7 +140,7 @@ def load_judge(path: str = WEIGHTS) -> Judge:
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"judge weights not found at {path}; train with "
-                                    "python -m pipelines.reference.judge --train")
+                                    "python -m accel.pipelines.reference.judge --train")
         cfg = json.load(open(os.path.splitext(path)[0] + ".json")) if os.path.isfile(
             os.path.splitext(path)[0] + ".json") else {}
         model = Judge(tuple(cfg.get("channels", (8, 16, 32, 48))), tuple(cfg.get("channels_2d", (16, 32, 64, 64))),

@@ -1,6 +1,6 @@
 """Train the reference text-to-video model in one command, within a wall budget.
 
-    python -m pipelines.reference.train --out DIR --device cuda --seed 0
+    python -m accel.pipelines.reference.train --out DIR --device cuda --seed 0
 
 Stages (budgets in minutes; the whole run took ~8.3 minutes on one H100 with the
 earlier Wan 2.1-VAE design, and has not been timed on a GPU with this one; the
@@ -58,10 +58,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipelines.reference import data
-from pipelines.reference.build import (REFERENCE_DEFAULTS, ReferenceConfig, build_components, count_params,
-                                       fast_decode, fast_encode, vae_layout, zero_init_residual_branches)
-from pipelines.reference.text import caption_tokens, encode_text, folded_text_padding, init_attention_past_padding
+from accel.pipelines.reference import data
+from accel.pipelines.reference.build import (REFERENCE_DEFAULTS, ReferenceConfig, build_components, count_params,
+                                             fast_decode, fast_encode, vae_layout, zero_init_residual_branches)
+from accel.pipelines.reference.text import caption_tokens, encode_text, folded_text_padding, init_attention_past_padding
 
 
 def log(msg: str) -> None:
@@ -203,7 +203,7 @@ def vae_check(vae, args, device, gen, autocast, n=32) -> dict:
     # read only 12% of reconstructed real clips correctly). The judge on reconstructions is the
     # ceiling of the model's prompt accuracy.
     try:
-        from pipelines.reference import judge as J
+        from accel.pipelines.reference import judge as J
 
         judge = J.load_judge()
     except FileNotFoundError:
@@ -479,7 +479,7 @@ def main(argv=None) -> dict:
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     gen = torch.Generator().manual_seed(args.seed)                       # clip jitter + specs (CPU)
     dev_gen = torch.Generator(device).manual_seed(args.seed + 1)         # noise, sigmas, batches
-    result = {"command": " ".join([os.path.basename(sys.executable), "-m", "pipelines.reference.train"]
+    result = {"command": " ".join([os.path.basename(sys.executable), "-m", "accel.pipelines.reference.train"]
                                   + (argv if argv is not None else sys.argv[1:])),
               "seed": args.seed, "device": torch.cuda.get_device_name(device) if bf16 else "cpu",
               "versions": {"torch": torch.__version__}, "config": config.to_dict(), "params": sizes,
@@ -548,7 +548,7 @@ def main(argv=None) -> dict:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         t = time.time()
-        from pipelines.reference.evaluate import heldout_report
+        from accel.pipelines.reference.evaluate import heldout_report
 
         result["heldout_eval"] = heldout_report(
             pipe, data.held_out_specs()[: args.eval_prompts], args.eval_guidance, args.eval_steps,

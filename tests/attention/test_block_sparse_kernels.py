@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attention.kernels as kernels
-from attention.kernels import (BlockLayout, block_sparse_attention, block_sparse_attention_flex,
-                               block_sparse_attention_reference, triton_supported)
+import accel.attention.kernels as kernels
+from accel.attention.kernels import (BlockLayout, block_sparse_attention, block_sparse_attention_flex,
+                                     block_sparse_attention_reference, triton_supported)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Outputs are convex combinations of N(0, 1) values, so absolute tolerances fit.

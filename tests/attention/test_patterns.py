@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from accel.base.context import AttnContext, StepContext, TokenLayout
-from attention.kernels import block_sparse_attention
-from attention.patterns import (ClusterConfig, ClusterPattern, RadialConfig, RadialPattern, SpatiotemporalConfig,
-                                SpatiotemporalPattern, TileWindowConfig, TileWindowPattern, TopKConfig, TopKPattern)
-from attention.patterns.tile_window import tile_window_mask
-from attention.reorder import AXIS_ORDERS
+from accel.attention.kernels import block_sparse_attention
+from accel.attention.patterns import (ClusterConfig, ClusterPattern, RadialConfig, RadialPattern, SpatiotemporalConfig,
+                                      SpatiotemporalPattern, TileWindowConfig, TileWindowPattern, TopKConfig, TopKPattern)
+from accel.attention.patterns.tile_window import tile_window_mask
+from accel.attention.reorder import AXIS_ORDERS
 
 BLOCK = 16
 GRID = (4, 8, 8)  # 256 visual tokens, 16 blocks of 16

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.kernels import (BlockLayout, block_sparse_attention_reference, quant_triton_supported,
-                               quantize_qkv, quantized_attention_reference, quantized_block_sparse_attention,
-                               resolve_pv)
-from attention.kernels.quantize import FP8_DTYPE, quantize_fp8_channels, quantize_int8_blocks
+from accel.attention.kernels import (BlockLayout, block_sparse_attention_reference, quant_triton_supported,
+                                     quantize_qkv, quantized_attention_reference, quantized_block_sparse_attention,
+                                     resolve_pv)
+from accel.attention.kernels.quantize import FP8_DTYPE, quantize_fp8_channels, quantize_int8_blocks
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-3}  # kernel vs simulated reference, outputs of N(0, 1) values
@@ -61,7 +61,7 @@ def make_case(case_id: str):
 
 
 def kernel_case_errors(case_id: str) -> dict:
-    from attention.kernels import block_sparse_attention_quant_triton
+    from accel.attention.kernels import block_sparse_attention_quant_triton
     q, k, v, layout, pv, launch = make_case(case_id)
     out = block_sparse_attention_quant_triton(q, k, v, layout, pv=pv, launch_config=launch)
     tiles = {"block_m": launch["BLOCK_M"], "block_n": launch["BLOCK_N"]} if launch else {}
@@ -93,7 +93,7 @@ def test_triton_interpreter_matches_simulated_reference(case_id, interpreter_res
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case_id", list(KERNEL_CASES))
 def test_triton_cuda_matches_simulated_reference(case_id):
-    from attention.kernels import block_sparse_attention_quant_triton
+    from accel.attention.kernels import block_sparse_attention_quant_triton
     q, k, v, layout, pv, launch = make_case(case_id)
     q, k, v = (x.cuda().half() for x in (q, k, v))
     if not quant_triton_supported(q, pv)[0]:

@@ -8,10 +8,10 @@ import accel
 from accel.base.context import AttnContext, StepContext, TokenLayout
 from accel.base.registry import ATTENTION_METHODS
 from accel.catalog import list_all
-from attention.intercept import dense_attention
-from attention.quantized import Int8Attention, Int8AttentionConfig
-from attention.sparse import RadialConfig, TopKAttention, TopKConfig
-from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from accel.attention.intercept import dense_attention
+from accel.attention.quantized import Int8Attention, Int8AttentionConfig
+from accel.attention.sparse import RadialConfig, TopKAttention, TopKConfig
+from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
 # Small blocks so the tiny pipelines' 48 visual tokens are really sparse; no dense warm-up.
 SPARSE = {"block_size": 16, "dense_warmup": 0.0, "dense_layers": 0, "backend": "torch", "density": 0.5}

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from attention.reorder import (AXIS_ORDERS, TokenPermutation, axis_order, gather_tokens, hilbert_order,
-                               identity_order, inverse_permutation, per_head_axis_orders, place_text,
-                               tile_major_order, token_major_order)
+from accel.attention.reorder import (AXIS_ORDERS, TokenPermutation, axis_order, gather_tokens, hilbert_order,
+                                     identity_order, inverse_permutation, per_head_axis_orders, place_text,
+                                     tile_major_order, token_major_order)
 
 GRIDS = [(3, 4, 4), (3, 5, 7), (1, 4, 6), (5, 1, 3), (4, 4, 4)]
 

@@ -7,10 +7,10 @@ import torch
 import accel
 from accel.base.context import AttnContext, StepContext, TokenLayout
 from accel.base.registry import ATTENTION_METHODS
-from attention.intercept import dense_attention
-from attention.sparse import (ClusterConfig, RadialConfig, SpatiotemporalConfig, TileWindowConfig, TopKAttention,
-                              TopKConfig)
-from pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
+from accel.attention.intercept import dense_attention
+from accel.attention.sparse import (ClusterConfig, RadialConfig, SpatiotemporalConfig, TileWindowConfig, TopKAttention,
+                                    TopKConfig)
+from accel.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
 
 CONFIGS = {"spatiotemporal": SpatiotemporalConfig, "radial": RadialConfig, "tile_window": TileWindowConfig,
            "topk": TopKConfig, "cluster": ClusterConfig}

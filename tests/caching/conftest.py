@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from caching.indicators import Rule
-from pipelines.tiny import tiny_call_kwargs
+from accel.caching.indicators import Rule
+from accel.pipelines.tiny import tiny_call_kwargs
 
 
 def run_latents(pipe, family, steps=6, **overrides):

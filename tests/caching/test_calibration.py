@@ -4,9 +4,9 @@ import json
 import pytest
 
 import accel
-from caching import MagCacheConfig, TeaCacheConfig, load_calibration
-from distill.cache_calibration import calibrate_magcache, calibrate_teacache, fit_polynomial, main
-from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from accel.caching import MagCacheConfig, TeaCacheConfig, load_calibration
+from accel.distill.cache_calibration import calibrate_magcache, calibrate_teacache, fit_polynomial, main
+from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
 PROMPTS = ["a red fox runs in the snow", "a bird flies over the ocean"]
 STEPS = 5
@@ -98,7 +98,7 @@ def test_calibrate_command(tmp_path, capsys):
 
 def test_cli_calibrates_the_reference_model_at_its_own_size(tmp_path, capsys):
     # --model reference runs the reference defaults (1,024 tokens), not WanPipeline's 480p default
-    from pipelines.reference import build
+    from accel.pipelines.reference import build
 
     weights = tmp_path / "ref"
     build.build_reference_pipeline().save_pretrained(str(weights))  # untrained: the CLI path, not the fit

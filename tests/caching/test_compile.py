@@ -3,8 +3,8 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
 import accel
-from caching import FixedCacheConfig
-from pipelines.tiny import build_tiny_pipeline
+from accel.caching import FixedCacheConfig
+from accel.pipelines.tiny import build_tiny_pipeline
 
 
 def test_cache_runs_with_regionally_compiled_blocks(helpers):

@@ -4,8 +4,8 @@ import pytest
 import accel
 from accel.base.registry import CACHE_METHODS
 from accel.config import resolve_method
-from caching import (EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig,
-                     load_calibration)
+from accel.caching import (EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig,
+                           load_calibration)
 
 
 def test_all_methods_are_registered():

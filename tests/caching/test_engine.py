@@ -6,11 +6,11 @@ import torch
 
 import accel
 from accel.base.changes import ChangeLog
-from caching import FBCacheConfig, FixedCacheConfig, TeaCacheConfig
-from caching.engine import BlockProxy
-from caching.state import BranchState
-from caching.streams import StreamBinding
-from pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
+from accel.caching import FBCacheConfig, FixedCacheConfig, TeaCacheConfig
+from accel.caching.engine import BlockProxy
+from accel.caching.state import BranchState
+from accel.caching.streams import StreamBinding
+from accel.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
 
 
 def test_replace_module_restores_the_same_child_in_place():

@@ -5,8 +5,8 @@ import torch
 
 import accel
 from accel.api import adapter_for
-from caching import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig
-from pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline
+from accel.caching import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig
+from accel.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline
 
 STEPS = 6
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from caching.forecast import FoCaForecast, LastResidual, TaylorForecast, make_forecaster
+from accel.caching.forecast import FoCaForecast, LastResidual, TaylorForecast, make_forecaster
 
 BASE = torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
 

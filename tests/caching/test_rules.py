@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from caching.indicators import (EasyCacheRule, FirstBlockRule, FixedRule, MagCacheRule, Probe, TeaCacheRule,
-                                relative_l1)
+from accel.caching.indicators import (EasyCacheRule, FirstBlockRule, FixedRule, MagCacheRule, Probe, TeaCacheRule,
+                                      relative_l1)
 
 
 def drive(rule, state, probe, engine_allows=True):

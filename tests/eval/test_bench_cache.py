@@ -3,7 +3,7 @@ import json
 
 
 from accel.cli import main as accel_main
-from eval.bench_cache import pareto_front, targets
+from accel.eval.bench_cache import pareto_front, targets
 
 
 def test_bench_cache_writes_rows_for_ours_and_peers(tmp_path):

@@ -6,12 +6,12 @@ import pytest
 
 import accel
 from accel.cli import main as cli_main
-from distill.solver_search import SearchOptions, search
-from eval.bench_solvers import main
-from pipelines.reference import data
-from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from accel.distill.solver_search import SearchOptions, search
+from accel.eval.bench_solvers import main
+from accel.pipelines.reference import data
+from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 from accel.base.adapter import config_fingerprint
-from solvers.learned import DSSArtifact
+from accel.solvers.learned import DSSArtifact
 
 TEACHER_STEPS = 6
 

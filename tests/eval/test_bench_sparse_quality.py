@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from eval.bench_sparse_quality import main, notes_for, parse_overrides, pick
+from accel.eval.bench_sparse_quality import main, notes_for, parse_overrides, pick
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import metrics as M
+from accel.eval import metrics as M
 
 
 def test_psnr_of_constant_frames_with_known_mse():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.reference import data
-from pipelines.reference import judge as J
+from accel.pipelines.reference import data
+from accel.pipelines.reference import judge as J
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import accel
-from caching import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, TeaCacheConfig
-from pipelines.reference.build import REFERENCE_DEFAULTS, ReferenceConfig, build_reference_pipeline
+from accel.caching import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, TeaCacheConfig
+from accel.pipelines.reference.build import REFERENCE_DEFAULTS, ReferenceConfig, build_reference_pipeline
 
 STEPS = 4
 PATTERNS = ["spatiotemporal", "radial", "tile_window", "topk", "cluster", "radial+int8", "int8"]

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from pipelines.reference import data
+from accel.pipelines.reference import data
 
 
 def test_clip_is_deterministic_and_in_range():

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from pipelines.reference import build, data, text
-from pipelines.reference import train as T
+from accel.pipelines.reference import build, data, text
+from accel.pipelines.reference import train as T
 
 TINY = {"vae_base_dim": 4, "vae_z_dim": 4, "num_heads": 1, "head_dim": 32, "ffn_dim": 32, "num_layers": 1,
         "text_d_model": 16, "text_d_ff": 32, "text_heads": 2, "text_layers": 1}

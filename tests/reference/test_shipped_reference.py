@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from pipelines.reference import build, data, evaluate
-from pipelines.reference import judge as J
-from pipelines.reference.train import dir_mb
+from accel.pipelines.reference import build, data, evaluate
+from accel.pipelines.reference import judge as J
+from accel.pipelines.reference.train import dir_mb
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(build.WEIGHTS_DIR, "model_index.json")),
                                 reason="no trained reference weights shipped")
@@ -32,7 +32,7 @@ def test_generation_is_deterministic_with_the_default_shape(pipe):
 
 def test_follows_the_colour_and_background_of_held_out_prompts(pipe):
     # every 8th held-out combination (8 of 62), chosen before the weights were trained;
-    # `python -m pipelines.reference.evaluate` scores all 62.  The shipped weights are
+    # `python -m accel.pipelines.reference.evaluate` scores all 62.  The shipped weights are
     # provisional (issue 3): they follow colour and background, not yet shape or motion
     # (21% / 29% on all 62, chance 25% / 17%), so the 0.8 bar is asserted on the
     # attributes the model has learned.
@@ -50,7 +50,9 @@ def test_recorded_evaluation_matches_the_shipped_weights():
     with open(os.path.join(build.WEIGHTS_DIR, "train_log.json")) as f:
         log = json.load(f)
     assert recorded["prompts"] == len(data.held_out_specs())
-    assert log["seed"] == 0 and log["command"].startswith("python -m pipelines.reference.train")
+    # The shipped weights were trained before the trainer moved under the accel namespace.
+    assert log["seed"] == 0 and log["command"].split()[:3] in (
+        ["python", "-m", "pipelines.reference.train"], ["python", "-m", "accel.pipelines.reference.train"])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def dense_video(pipe):
 @pytest.mark.parametrize("kind,threshold", [("teacache", 0.2), ("magcache", 0.12)])
 def test_shipped_cache_calibrations_load_and_skip_steps(pipe, dense_video, kind, threshold):
     import accel
-    from eval.metrics import psnr
+    from accel.eval.metrics import psnr
 
     dense = dense_video
     path = os.path.join(build.CALIBRATION_DIR, f"{kind}-25.json")
@@ -80,7 +82,7 @@ def test_shipped_cache_calibrations_load_and_skip_steps(pipe, dense_video, kind,
 @pytest.mark.parametrize("steps", [4, 6, 8, 10])
 def test_shipped_dss_solvers_run_their_step_count(pipe, dense_video, steps):
     import accel
-    from eval.metrics import psnr
+    from accel.eval.metrics import psnr
 
     path = os.path.join(build.CALIBRATION_DIR, f"dss-{steps}.json")
     handle = accel.patch(pipe, solver={"name": "dss", "artifact": path})

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from accel.api import adapter_for
-from pipelines.tiny import tiny_call_kwargs
+from accel.pipelines.tiny import tiny_call_kwargs
 
 
 def latents(pipe, family, steps=3, **overrides):

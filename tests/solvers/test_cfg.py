@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import accel
-from pipelines.tiny import build_tiny_pipeline
-from solvers.swap import EulerConfig
+from accel.pipelines.tiny import build_tiny_pipeline
+from accel.solvers.swap import EulerConfig
 
 STEPS = 4
 # family -> (extra call kwargs, kwargs that turn guidance off in the unpatched pipeline)

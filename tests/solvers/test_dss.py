@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import accel
-from distill.solver_search import SearchOptions, WanFlow, main, rollout, search
-from pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
-from solvers.learned import DSSArtifact, DSSConfig, dss_velocity
+from accel.distill.solver_search import SearchOptions, WanFlow, main, rollout, search
+from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from accel.solvers.learned import DSSArtifact, DSSConfig, dss_velocity
 
 TINY = dict(prompts=("a red fox runs in the snow", "a blue car drives at night"), seeds_per_prompt=1,
             teacher_steps=6, iterations=4, lr=0.05, batch_size=2, seed=0)
@@ -151,7 +151,7 @@ def test_cli_writes_one_artifact_per_step_count_and_reports_errors(tmp_path, cap
 
 
 def test_learned_sigmas_stay_monotone():
-    from distill.solver_search import _student_sigmas
+    from accel.distill.solver_search import _student_sigmas
 
     sigmas = _student_sigmas(torch.tensor([3.0, -2.0, 0.5, 0.0]))
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and bool((np.diff(sigmas.numpy()) < 0).all())

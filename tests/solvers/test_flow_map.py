@@ -10,7 +10,7 @@ for any number of steps.
 import pytest
 import torch
 
-from solvers.flow_map import FlowMapSampler
+from accel.solvers.flow_map import FlowMapSampler
 
 MU0 = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
 S0 = torch.tensor([0.5, 1.5, 0.1], dtype=torch.float64)

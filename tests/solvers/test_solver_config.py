@@ -3,8 +3,8 @@ import pytest
 
 import accel
 from accel.base.registry import SOLVER_METHODS
-from pipelines.tiny import build_tiny_pipeline
-from solvers.swap import DPMppConfig, EulerConfig, HeunConfig, UniPCConfig
+from accel.pipelines.tiny import build_tiny_pipeline
+from accel.solvers.swap import DPMppConfig, EulerConfig, HeunConfig, UniPCConfig
 
 
 def test_registered_solvers():

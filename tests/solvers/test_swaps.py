@@ -7,9 +7,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 import accel
-from pipelines.tiny import build_tiny_pipeline
-from solvers.schedule import SchedulePlanner, resample
-from solvers.swap import EulerConfig, SwappedScheduler, UniPCConfig
+from accel.pipelines.tiny import build_tiny_pipeline
+from accel.solvers.schedule import SchedulePlanner, resample
+from accel.solvers.swap import EulerConfig, SwappedScheduler, UniPCConfig
 
 FLOW_FAMILIES = ("wan", "wan22", "hunyuan_video", "ltx", "flux")
 SOLVERS = ("euler", "heun", "unipc", "dpmpp")
