@@ -1,8 +1,8 @@
 """The residual-cache engine: one implementation over every model's block stacks.
 
-Each block of the adapter's stacks (dual then single stacks, as one ordered sequence) is swapped
-for a ``BlockProxy`` through the session's change log. The model's own loop still calls every
-position; the proxies decide, outside the block (so a compiled block stays one graph), whether
+Each block of the adapter's stacks (dual then single stacks, as one ordered sequence) gets a gate
+through the session's change log (``gate_block``): the model's own loop still calls every
+position, and the gate decides, outside the block (so a compiled block stays one graph), whether
 it runs:
 
     blocks [0, Fn)          always run; block 0 opens the call (step, branch, probes)
@@ -34,38 +34,52 @@ from .state import BranchState, CallState, Counters, held_memory
 from .streams import StreamBinding, Streams
 
 
-class BlockProxy(torch.nn.Module):
-    """Stands in for one block and lets the engine decide whether it runs.
+GATE_ATTR = "_accel_cache_gate"
 
-    The block stays a registered child (``.block``), so ``.to()``, hooks and regional compilation
-    (``compile_repeated_blocks`` matches the block's own class) reach it; attribute reads that the
-    proxy does not have fall through to the block (``proxy.attn1`` is the block's ``attn1``).
-    ``before``/``after`` are the engine's bookkeeping, kept out of any compiled graph.
+
+class BlockGate:
+    """The engine's two calls around one block; ``before`` may answer in the block's place."""
+
+    __slots__ = ("before", "after")
+
+    def __init__(self, before: Callable, after: Callable):
+        # Bookkeeping stays out of any compiled graph: a regionally compiled block is one graph.
+        self.before = torch.compiler.disable(before)
+        self.after = torch.compiler.disable(after)
+
+
+_GATED_CLASSES: Dict[type, type] = {}
+
+
+def gated_class(cls: type) -> type:
+    """A subclass of the block class ``cls`` whose ``__call__`` asks the instance's gate first.
+
+    Only patched instances get it (their ``__class__`` is swapped and swapped back by the change
+    log), and it keeps ``cls``'s name: the module tree, parameter names, ``state_dict`` keys,
+    LoRA targets, hooks and ``compile_repeated_blocks`` (which matches class names) see the
+    block exactly as before. The gate wraps ``nn.Module.__call__``, so it sits outside the
+    block's hooks and outside its compiled ``_call_impl``.
     """
+    gated = _GATED_CLASSES.get(cls)
+    if gated is None:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            gate = self.__dict__.get(GATE_ATTR)
+            if gate is None:
+                return super(gated, self).__call__(*args, **kwargs)
+            skip, value = gate.before(self, args, kwargs)
+            if skip:
+                return value
+            return gate.after(super(gated, self).__call__(*args, **kwargs))
 
-    def __init__(self, block: torch.nn.Module, before: Callable, after: Callable):
-        super().__init__()
-        self.block = block
-        self._before = torch.compiler.disable(before)
-        self._after = torch.compiler.disable(after)
+        gated = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                            "__qualname__": cls.__qualname__, "_accel_gated": True})
+        _GATED_CLASSES[cls] = gated
+    return gated
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        skip, value = self._before(self.block, args, kwargs)
-        if skip:
-            return value
-        return self._after(self.block(*args, **kwargs))
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if modules is None or "block" not in modules:
-                raise
-            return getattr(modules["block"], name)
-
-    def extra_repr(self) -> str:
-        return "residual-cache proxy"
+def gate_block(block: torch.nn.Module, gate: BlockGate, changes) -> None:
+    changes.set_class(block, gated_class(type(block)))
+    changes.set_attr(block, GATE_ATTR, gate)
 
 
 @dataclass
@@ -85,15 +99,14 @@ class ModelPlan:
     def __init__(self, model: torch.nn.Module, session: PatchSession, config: CacheConfig):
         self.model = model
         self.bindings: List[StreamBinding] = []
-        self.slots: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []  # (parent list, key, block)
+        self.blocks: List[torch.nn.Module] = []
         for stack in session.adapter.block_stacks(model):
-            parent = model.get_submodule(stack.name)
-            for key, block in parent._modules.items():
-                if isinstance(block, BlockProxy):
+            for index, block in enumerate(stack.blocks):
+                if getattr(type(block), "_accel_gated", False):
                     raise ValueError(f"{type(model).__name__}.{stack.name} is already cached by another accel handle")
-                self.slots.append((parent, key, block))
-                self.bindings.append(StreamBinding(block, stack.io, f"{stack.name}.{key}"))
-        self.num_blocks = len(self.slots)
+                self.blocks.append(block)
+                self.bindings.append(StreamBinding(block, stack.io, f"{stack.name}.{index}"))
+        self.num_blocks = len(self.blocks)
         self.span_start, self.span_end = config.first_blocks, self.num_blocks - config.last_blocks
         if self.span_start >= self.span_end:
             raise ValueError(f"first_blocks={config.first_blocks} + last_blocks={config.last_blocks} leave no block "
@@ -130,10 +143,9 @@ class CacheEngine:
         self.session = session
         plans = [ModelPlan(model, session, self.config) for model in session.models]  # validate all first
         for plan in plans:
-            for index, (parent, key, block) in enumerate(plan.slots):
-                proxy = BlockProxy(block, functools.partial(self.before_block, plan, index),
-                                   functools.partial(self.after_block, plan, index))
-                session.changes.replace_module(parent, key, proxy)
+            for index, block in enumerate(plan.blocks):
+                gate_block(block, BlockGate(functools.partial(self.before_block, plan, index),
+                                            functools.partial(self.after_block, plan, index)), session.changes)
             capture = session.adapter.teacache_input_module
             if MODULATED_INPUT in self.rule.needs and capture:
                 session.changes.keep_handle(plan.model.get_submodule(capture).register_forward_hook(

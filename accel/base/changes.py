@@ -41,24 +41,22 @@ class ChangeLog:
 
         self._undo.append(undo)
 
-    def replace_module(self, parent: Any, name: str, new: Any) -> None:
-        """Swap the child module ``parent.name`` (a ``torch.nn.Module`` child, e.g. ``blocks.3``).
+    def set_class(self, obj: Any, cls: type) -> None:
+        """Give one instance the class ``cls`` (a subclass of its own); undo gives the old one back.
 
-        ``set_attr`` cannot do this: children live in ``parent._modules``, not the instance
-        ``__dict__``. Undo puts the original object back under the same key (dict order is kept,
-        so ``state_dict`` and iteration order are as before).
+        The cache engine gates a block this way (``caching.engine.gated_class``): the instance
+        stays where it is in the module tree, so names and ``state_dict`` keys do not change.
         """
-        children = parent._modules
-        if name not in children:
-            raise KeyError(f"{type(parent).__name__} has no child module {name!r}")
-        old = children[name]
-        children[name] = new
+        old = type(obj)
+        if not issubclass(cls, old):
+            raise TypeError(f"{cls.__name__} is not a subclass of {old.__name__}")
+        obj.__class__ = cls
 
         def undo() -> None:
-            if children.get(name) is not new:
-                raise RuntimeError(f"child module {name!r} of {type(parent).__name__} was replaced by someone else; "
+            if type(obj) is not cls:
+                raise RuntimeError(f"the class of a {old.__name__} instance was changed by someone else; "
                                    "left as it is")
-            children[name] = old
+            obj.__class__ = old
 
         self._undo.append(undo)
 
