@@ -1,10 +1,11 @@
-"""Block-sparse attention methods: ``attention="spatiotemporal" | "radial" | "tile_window" | "topk" | "cluster"``.
+"""Block-sparse attention methods: one per registered pattern (``attention="radial"``, ...; ``accel list``).
 
 One ``SparseAttention`` base runs any pattern from ``accel.attention.patterns``: dense warm-up steps and
 dense first layers, reasons to fall back (no grid, a mask that is not text padding, no kernel for
 the dtype/head dim/device), text padding handled by dropping the padded keys, the block-sparse
 kernel between the pattern's permutation and its inverse, and density counters for
-``Handle.summary()``. Each registered method only names its pattern and config.
+``Handle.summary()``. ``sparse_method`` makes the registered method of each pattern in
+``SPARSE_PATTERNS``: it only names the pattern and its config.
 ``quantize="int8"`` on any pattern's config runs its sparse calls on the INT8 kernel instead
 (``accel.attention.quantized`` explains the precision choices and the CPU fallback).
 """
@@ -22,9 +23,7 @@ from accel.attention.kernels import (block_sparse_attention, quant_triton_suppor
 
 from .base import AttentionMethod
 from .intercept import dense_attention
-from .patterns import (BlockPattern, ClusterConfig, ClusterPattern, Geometry, RadialConfig, RadialPattern,
-                       SpatiotemporalConfig, SpatiotemporalPattern, TileWindowConfig, TileWindowPattern,
-                       TopKConfig, TopKPattern, geometry_of)
+from .patterns import SPARSE_PATTERNS, BlockPattern, Geometry, geometry_of
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -230,36 +229,12 @@ class SparseAttention(AttentionMethod):
         }
 
 
-@ATTENTION_METHODS.register("spatiotemporal")
-class SpatiotemporalAttention(SparseAttention):
-    name = "spatiotemporal"
-    Config = SpatiotemporalConfig
-    Pattern = SpatiotemporalPattern
+def sparse_method(pattern: type) -> type:
+    """The attention method that runs ``pattern`` through ``SparseAttention``."""
+    return type(pattern.__name__.replace("Pattern", "Attention"), (SparseAttention,),
+                {"name": pattern.name, "Config": pattern.Config, "Pattern": pattern, "__module__": __name__,
+                 "__doc__": f"``attention={pattern.name!r}``: {pattern.__name__} on the block-sparse kernels."})
 
 
-@ATTENTION_METHODS.register("radial")
-class RadialAttention(SparseAttention):
-    name = "radial"
-    Config = RadialConfig
-    Pattern = RadialPattern
-
-
-@ATTENTION_METHODS.register("tile_window")
-class TileWindowAttention(SparseAttention):
-    name = "tile_window"
-    Config = TileWindowConfig
-    Pattern = TileWindowPattern
-
-
-@ATTENTION_METHODS.register("topk")
-class TopKAttention(SparseAttention):
-    name = "topk"
-    Config = TopKConfig
-    Pattern = TopKPattern
-
-
-@ATTENTION_METHODS.register("cluster")
-class ClusterAttention(SparseAttention):
-    name = "cluster"
-    Config = ClusterConfig
-    Pattern = ClusterPattern
+for _name, _pattern in SPARSE_PATTERNS.items():
+    ATTENTION_METHODS.register(_name, sparse_method(_pattern))

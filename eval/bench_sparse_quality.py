@@ -32,14 +32,18 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from accel.attention.kernels import resolve_backend
+from accel.attention.patterns import SPARSE_PATTERNS
+from accel.attention.sparse import SparseAttention
+from accel.base.registry import ATTENTION_METHODS
 from accel.eval.quality_bench import (QualityBench, add_workload_args, environment, load_workload, patch_setup,
                                       write_result)
 
-PATTERNS = ("spatiotemporal", "radial", "tile_window", "topk", "cluster")
-# Methods without a density knob, measured once each (at density 1.0) by the same two checks:
-# int8 is dense attention with INT8 QK^T (issue 6's accuracy targets). On CPU it needs
-# ``--backend torch`` (the simulated-quantization reference, same numbers as the kernel).
-DENSITY_FREE = ("int8",)
+PATTERNS = SPARSE_PATTERNS.names()
+# The other block-sparse methods have no density knob and are measured once each (at density 1.0)
+# by the same two checks: int8 is dense attention with INT8 QK^T (issue 6's accuracy targets). On
+# CPU it needs ``--backend torch`` (the simulated-quantization reference, same numbers as the kernel).
+DENSITY_FREE = tuple(name for name, method in ATTENTION_METHODS.items()
+                     if issubclass(method, SparseAttention) and name not in SPARSE_PATTERNS)
 DENSITIES = (0.5, 0.25, 0.15)
 CAPTURE_STEPS = (0.3, 0.7)  # fractions of the denoising run
 CAPTURE_LAYERS = (0.25, 0.75)  # fractions of the attention layers
@@ -102,9 +106,6 @@ def densities_of(name: str, densities: Sequence[float]) -> Sequence[float]:
 
 
 def pattern_class(name: str):
-    import accel.config  # noqa: F401  (fills the method registries)
-    from accel.base.registry import ATTENTION_METHODS
-
     return ATTENTION_METHODS.get(name)
 
 

@@ -10,22 +10,12 @@ import torch
 
 from accel.pipelines.tiny import (
     TINY_FAMILIES,
-    TINY_TOKEN_GRIDS,
+    TINY_SPECS,
     build_tiny_pipeline,
     build_word_tokenizer,
     tiny_call_kwargs,
 )
 from accel.pipelines.tiny import hunyuan_video as tiny_hunyuan
-
-EXPECTED_CLASS = {
-    "wan": "WanPipeline",
-    "wan22": "WanPipeline",
-    "hunyuan_video": "HunyuanVideoPipeline",
-    "cogvideox": "CogVideoXPipeline",
-    "ltx": "LTXPipeline",
-    "flux": "FluxPipeline",
-}
-
 
 # --------------------------------------------------------------------------- tokenizer
 
@@ -93,7 +83,8 @@ def _token_grid(family: str, pipe, hidden: torch.Tensor, kwargs: dict) -> tuple[
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_tiny_pipeline_runs_and_is_deterministic(family):
     pipe = build_tiny_pipeline(family, seed=0)
-    assert type(pipe).__name__ == EXPECTED_CLASS[family]
+    spec = TINY_SPECS[family]
+    assert type(pipe).__name__ == spec.pipeline_class
 
     seen = []  # (module name, token grid, text length) per transformer call
 
@@ -125,12 +116,11 @@ def test_tiny_pipeline_runs_and_is_deterministic(family):
     assert first.min() >= 0 and first.max() <= 1 and first.std() > 0
 
     grids = {grid for _, grid, _ in seen}
-    assert grids == {TINY_TOKEN_GRIDS[family]}
-    assert all(extent >= 2 for extent in TINY_TOKEN_GRIDS[family])
+    assert grids == {spec.token_grid}
+    assert all(extent >= 2 for extent in spec.token_grid)
     assert {length for _, _, length in seen} == {16}
 
-    calls_per_step = {"cogvideox": 1, "ltx": 1, "flux": 1}.get(family, 2)
-    assert len(seen) == 3 * calls_per_step
+    assert len(seen) == 3 * spec.calls_per_step
     if family == "wan22":
         names = [name for name, _, _ in seen]
         assert names[:2] == ["transformer"] * 2 and set(names[2:]) == {"transformer_2"}

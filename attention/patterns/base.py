@@ -16,6 +16,7 @@ import torch
 
 from accel.base.config import check_choice, check_range
 from accel.base.context import AttnContext, TokenLayout
+from accel.base.registry import Registry
 from accel.attention.kernels import BlockLayout
 from accel.attention.reorder import TokenPermutation, identity_order, place_text
 
@@ -226,6 +227,15 @@ class BlockPlan(NamedTuple):
     layout: BlockLayout  # over the working order
     permutation: TokenPermutation  # original order -> working order (queries; keys/values)
     density: torch.Tensor  # realised kept fraction, 0-d, on the inputs' device
+
+
+# Keyed by the user-facing name; ``accel.attention.sparse`` registers one attention method per entry.
+SPARSE_PATTERNS = Registry("sparse pattern")
+
+
+def register_pattern(cls: type) -> type:
+    """Class decorator: make ``cls`` available as ``attention=cls.name``."""
+    return SPARSE_PATTERNS.register(cls.name, cls)
 
 
 class BlockPattern:

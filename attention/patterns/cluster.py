@@ -23,7 +23,8 @@ import torch
 
 from accel.base.config import check_range
 
-from .base import BlockPattern, Geometry, PatternConfig, block_sizes, density_budget, num_blocks, select_blocks
+from .base import (BlockPattern, Geometry, PatternConfig, block_sizes, density_budget, num_blocks, register_pattern,
+                   select_blocks)
 
 COLD_START_ITERS_FACTOR = 4  # without warm centroids, k-means needs more rounds to settle
 ASSIGN_CHUNK_ELEMENTS = 1 << 26  # bound on the (points x centroids) score buffer per chunk
@@ -137,6 +138,7 @@ def cluster_shares(sorted_labels: torch.Tensor, clusters: int, block: int) -> to
     return counts.view(groups, blocks, clusters)
 
 
+@register_pattern
 class ClusterPattern(BlockPattern):
     name = "cluster"
     Config = ClusterConfig

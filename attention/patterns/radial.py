@@ -20,7 +20,7 @@ from typing import Dict, Tuple
 import torch
 
 from accel.base.config import check_range
-from .base import BlockPattern, Geometry, PatternConfig, num_blocks
+from .base import BlockPattern, Geometry, PatternConfig, num_blocks, register_pattern
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ def radial_block_mask(segments: Dict[str, torch.Tensor], blocks: int, band: floa
     return mask.view(blocks, blocks) | torch.eye(blocks, dtype=torch.bool)
 
 
+@register_pattern
 class RadialPattern(BlockPattern):
     name = "radial"
     Config = RadialConfig

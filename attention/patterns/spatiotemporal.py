@@ -23,7 +23,7 @@ import torch
 from accel.base.config import check_range
 from accel.attention.reorder import AXIS_ORDERS, axis_order, inverse_permutation
 
-from .base import BlockPattern, Geometry, PatternConfig, num_blocks
+from .base import BlockPattern, Geometry, PatternConfig, num_blocks, register_pattern
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def band_mask(blocks: int, sink_blocks: int, density: float, device=None) -> tor
     return ((i - j).abs() <= half_width) | (j < sink_blocks)
 
 
+@register_pattern
 class SpatiotemporalPattern(BlockPattern):
     name = "spatiotemporal"
     Config = SpatiotemporalConfig

@@ -20,7 +20,7 @@ import torch
 
 from accel.attention.reorder import tile_major_order
 
-from .base import BlockPattern, Geometry, PatternConfig, check_triple, num_blocks
+from .base import BlockPattern, Geometry, PatternConfig, check_triple, num_blocks, register_pattern
 
 Triple = Tuple[int, int, int]
 SHORTLIST = 24  # windows whose block-level density is measured
@@ -124,6 +124,7 @@ def tile_window_mask(grid: Triple, tile: Triple, window: Triple, block: int) -> 
     return TileBlocks(grid, tile, block).mask(window)
 
 
+@register_pattern
 class TileWindowPattern(BlockPattern):
     name = "tile_window"
     Config = TileWindowConfig

@@ -22,7 +22,7 @@ from accel.base.config import check_choice, check_range
 from accel.attention.reorder import hilbert_order, tile_major_order, token_major_order
 
 from .base import (BlockPattern, Geometry, PatternConfig, block_self_similarity, block_sizes,
-                   density_budget, pool_blocks, select_blocks)
+                   density_budget, pool_blocks, register_pattern, select_blocks)
 from .tile_window import default_tile
 
 REORDERS = ("none", "hilbert", "tile", "token_major")
@@ -46,6 +46,7 @@ class TopKConfig(PatternConfig):
         check_choice(owner, "reorder", self.reorder, REORDERS)
 
 
+@register_pattern
 class TopKPattern(BlockPattern):
     name = "topk"
     Config = TopKConfig

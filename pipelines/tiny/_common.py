@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 from transformers import (
@@ -28,6 +29,30 @@ from transformers import (
 from .tokenizer import build_word_tokenizer
 
 TEXT_DIM = 32
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """What a test may rely on about one tiny family, declared next to its builder.
+
+    ``calls_per_step`` and ``cfg`` describe ``call_kwargs``' guidance: "separate" (cond and uncond
+    as two transformer calls), "batched" (both halves in one call) or "none" (one call, guidance
+    embedded or off). ``guidance_off`` are call kwargs that turn classifier-free guidance off.
+    """
+
+    name: str  # "wan22"
+    pipeline_class: str  # diffusers pipeline class name
+    token_grid: Tuple[int, ...]  # latent token grid after patching: (T, H, W), or (H, W) for images
+    calls_per_step: int
+    cfg: str
+    flow_matching: bool  # a flow-matching scheduler (what the solver swaps serve)
+    guidance_off: Dict[str, Any] = field(default_factory=dict)
+    build_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the module's build/call_kwargs
+
+    @property
+    def frames(self) -> int:
+        return self.token_grid[0] if len(self.token_grid) == 3 else 1
+
 """Hidden size of every tiny text encoder."""
 
 PROMPT = "A red fox runs through the snowy forest at sunset, cinematic lighting"

@@ -22,11 +22,16 @@ from diffusers import (
 )
 
 from ._common import NEGATIVE_PROMPT, PROMPT, TEXT_DIM, finalize, make_generator, seeded, t5_encoder, t5_tokenizer
+from ._common import TinySpec
 
 HEIGHT = WIDTH = 64
 NUM_FRAMES = 9
 MAX_SEQUENCE_LENGTH = 16
 _SPATIAL = 8
+
+
+SPECS = (TinySpec("cogvideox", "CogVideoXPipeline", (3, 4, 4), calls_per_step=1, cfg="batched",
+                   flow_matching=False, guidance_off={"guidance_scale": 1.0}),)
 
 
 def _transformer(seed: int) -> CogVideoXTransformer3DModel:

@@ -34,6 +34,7 @@ from ._common import (
     make_generator,
     seeded,
 )
+from ._common import TinySpec
 
 HEIGHT = WIDTH = 64
 NUM_FRAMES = 9
@@ -46,6 +47,10 @@ _TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\ndescribe the video.<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 )
+
+
+SPECS = (TinySpec("hunyuan_video", "HunyuanVideoPipeline", (3, 4, 4), calls_per_step=2, cfg="separate",
+                   flow_matching=True, guidance_off={"true_cfg_scale": 1.0}),)
 
 
 def prompt_template() -> dict:

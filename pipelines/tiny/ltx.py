@@ -15,11 +15,16 @@ import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 
 from ._common import NEGATIVE_PROMPT, PROMPT, TEXT_DIM, finalize, make_generator, seeded, t5_encoder, t5_tokenizer
+from ._common import TinySpec
 
 HEIGHT = WIDTH = 96
 NUM_FRAMES = 17
 MAX_SEQUENCE_LENGTH = 16
 LATENT_CHANNELS = 128
+
+
+SPECS = (TinySpec("ltx", "LTXPipeline", (3, 3, 3), calls_per_step=1, cfg="batched", flow_matching=True,
+                   guidance_off={"guidance_scale": 1.0}),)
 
 
 def _transformer(seed: int) -> LTXVideoTransformer3DModel:

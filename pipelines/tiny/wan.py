@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from ._common import NEGATIVE_PROMPT, PROMPT, TEXT_DIM, finalize, make_generator, seeded, t5_encoder, t5_tokenizer
+from ._common import TinySpec
 
 HEIGHT = WIDTH = 64
 NUM_FRAMES = 9
@@ -22,6 +23,13 @@ MAX_SEQUENCE_LENGTH = 16
 # (high noise), the rest `transformer_2` (low noise), so both experts run.
 WAN22_BOUNDARY_RATIO = 0.875
 
+
+SPECS = (
+    TinySpec("wan", "WanPipeline", (3, 4, 4), calls_per_step=2, cfg="separate", flow_matching=True,
+             guidance_off={"guidance_scale": 1.0}),
+    TinySpec("wan22", "WanPipeline", (3, 4, 4), calls_per_step=2, cfg="separate", flow_matching=True,
+             guidance_off={"guidance_scale": 1.0, "guidance_scale_2": 1.0}, build_kwargs={"two_experts": True}),
+)
 
 def _transformer(seed: int, name: str) -> WanTransformer3DModel:
     with seeded(seed, name):

@@ -6,8 +6,8 @@ import torch
 
 from accel.base.context import AttnContext, StepContext, TokenLayout
 from accel.attention.kernels import block_sparse_attention
-from accel.attention.patterns import (ClusterConfig, ClusterPattern, RadialConfig, RadialPattern, SpatiotemporalConfig,
-                                      SpatiotemporalPattern, TileWindowConfig, TileWindowPattern, TopKConfig, TopKPattern)
+from accel.attention.patterns import (SPARSE_PATTERNS, ClusterConfig, RadialConfig, SpatiotemporalConfig,
+                                      TileWindowConfig, TopKConfig)
 from accel.attention.patterns.tile_window import tile_window_mask
 from accel.attention.reorder import AXIS_ORDERS
 
@@ -26,20 +26,20 @@ def random_qkv(seq, heads=2, dim=16, batch=1, seed=0):
     return [torch.randn(batch, seq, heads, dim, generator=gen) for _ in range(3)]
 
 
+# Knobs that make a pattern's density testable on random inputs (a pattern needs none to be tested):
+# no attention-sink frame; topk keeps self-similar blocks, and random blocks never are; cluster
+# with as many clusters as 16 blocks can hold.
+RANDOM_INPUT_KNOBS = {"spatiotemporal": {"sink_frames": 0}, "topk": {"similarity_threshold": -1.0},
+                      "cluster": {"q_clusters": 16, "k_clusters": 32}}
+
+
 def pattern(name, density, **extra):
-    common = dict(density=density, block_size=BLOCK, backend="torch", dense_warmup=0.0, dense_layers=0)
-    if name == "spatiotemporal":
-        return SpatiotemporalPattern(SpatiotemporalConfig(**common, **{"sink_frames": 0, **extra}))
-    if name == "radial":
-        return RadialPattern(RadialConfig(**common, **extra))
-    if name == "tile_window":
-        return TileWindowPattern(TileWindowConfig(**common, **extra))
-    if name == "topk":
-        return TopKPattern(TopKConfig(**common, **{"similarity_threshold": -1.0, **extra}))
-    return ClusterPattern(ClusterConfig(**common, **{"q_clusters": 16, "k_clusters": 32, **extra}))
+    cls = SPARSE_PATTERNS.get(name)
+    return cls(cls.Config(density=density, block_size=BLOCK, backend="torch", dense_warmup=0.0, dense_layers=0,
+                          **{**RANDOM_INPUT_KNOBS.get(name, {}), **extra}))
 
 
-NAMES = ["spatiotemporal", "radial", "tile_window", "topk", "cluster"]
+NAMES = SPARSE_PATTERNS.names()
 
 
 @pytest.mark.parametrize("name", NAMES)

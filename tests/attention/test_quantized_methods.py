@@ -10,8 +10,10 @@ from accel.base.registry import ATTENTION_METHODS
 from accel.catalog import list_all
 from accel.attention.intercept import dense_attention
 from accel.attention.quantized import Int8Attention, Int8AttentionConfig
-from accel.attention.sparse import RadialConfig, TopKAttention, TopKConfig
+from accel.attention.patterns import RadialConfig, TopKConfig
 from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+TopKAttention = ATTENTION_METHODS.get("topk")
 
 # Small blocks so the tiny pipelines' 48 visual tokens are really sparse; no dense warm-up.
 SPARSE = {"block_size": 16, "dense_warmup": 0.0, "dense_layers": 0, "backend": "torch", "density": 0.5}

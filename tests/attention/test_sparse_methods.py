@@ -8,12 +8,10 @@ import accel
 from accel.base.context import AttnContext, StepContext, TokenLayout
 from accel.base.registry import ATTENTION_METHODS
 from accel.attention.intercept import dense_attention
-from accel.attention.sparse import (ClusterConfig, RadialConfig, SpatiotemporalConfig, TileWindowConfig, TopKAttention,
-                                    TopKConfig)
-from accel.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
+from accel.attention.patterns import SPARSE_PATTERNS
+from accel.pipelines.tiny import TINY_FAMILIES, TINY_SPECS, build_tiny_pipeline, tiny_call_kwargs
 
-CONFIGS = {"spatiotemporal": SpatiotemporalConfig, "radial": RadialConfig, "tile_window": TileWindowConfig,
-           "topk": TopKConfig, "cluster": ClusterConfig}
+PATTERNS = SPARSE_PATTERNS.names()
 STEPS = 2
 
 
@@ -22,7 +20,7 @@ def sparse_config(name, density, **extra):
     extra = {"block_size": 16, "dense_warmup": 0.0, "dense_layers": 0, "backend": "torch",
              **({"similarity_threshold": -1.0} if name == "topk" else {}),
              **({"q_clusters": 8, "k_clusters": 8} if name == "cluster" else {}), **extra}
-    return CONFIGS[name](density=density, **extra)
+    return SPARSE_PATTERNS.get(name).Config(density=density, **extra)
 
 
 def call_kwargs(family):
@@ -41,10 +39,12 @@ def run_recording_warnings(pipe, family, run_pipeline, attention):
     return out, counters, [str(w.message) for w in caught if "accel" in str(w.message)]
 
 
-def test_every_sparse_method_is_registered():
-    for name, config_cls in CONFIGS.items():
-        assert ATTENTION_METHODS.get(name).Config is config_cls
-        assert accel.Config(attention=config_cls()).attention == config_cls()
+def test_every_sparse_pattern_is_a_registered_method():
+    assert len(PATTERNS) >= 5
+    for name, pattern in SPARSE_PATTERNS.items():
+        method = ATTENTION_METHODS.get(name)
+        assert method.Pattern is pattern and method.Config is pattern.Config and method.name == name
+        assert accel.Config(attention=pattern.Config()).attention == pattern.Config()
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -52,11 +52,11 @@ def test_every_pattern_runs_on_every_family_and_remove_restores(family, run_pipe
     pipe = build_tiny_pipeline(family)
     reference = run_pipeline(pipe, call_kwargs(family))
     dense = None
-    for name in CONFIGS:
+    for name in PATTERNS:
         out, counters, messages = run_recording_warnings(pipe, family, run_pipeline, sparse_config(name, 0.3))
         assert counters["calls"] > 0, name
         if counters["fallback_calls"]:  # FLUX images have one frame: the video-only patterns step aside
-            assert family == "flux" and name in ("spatiotemporal", "radial")
+            assert family == "flux" and SPARSE_PATTERNS.get(name).min_frames > 1
             assert counters["fallback_calls"] == counters["calls"] and counters["sparse_calls"] == 0
             assert len(messages) == 1 and "falling back to dense" in messages[0], messages
             if dense is None:
@@ -70,9 +70,22 @@ def test_every_pattern_runs_on_every_family_and_remove_restores(family, run_pipe
     assert torch.equal(run_pipeline(pipe, call_kwargs(family)), reference)
 
 
-# One pattern per family (all five covered, joint text prefix/suffix, the padding mask, batched CFG).
-DENSITY_ONE_CASES = [("wan", "spatiotemporal"), ("wan22", "radial"), ("hunyuan_video", "topk"),
-                     ("cogvideox", "cluster"), ("ltx", "tile_window"), ("flux", "cluster")]
+def density_one_cases():
+    """One pattern per family, in registry order, so every pattern is covered (with joint text as
+    prefix and suffix, a padding mask, batched CFG); a family gets the next pattern its frames fit."""
+    cases, index = [], 0
+    for family, spec in TINY_SPECS.items():
+        for offset in range(len(PATTERNS)):
+            name = PATTERNS[(index + offset) % len(PATTERNS)]
+            if SPARSE_PATTERNS.get(name).min_frames <= spec.frames:
+                cases.append((family, name))
+                index += offset + 1
+                break
+    assert len(cases) < len(PATTERNS) or {name for _, name in cases} == set(PATTERNS)
+    return cases
+
+
+DENSITY_ONE_CASES = density_one_cases()
 
 
 @pytest.mark.parametrize("family, name", DENSITY_ONE_CASES)
@@ -185,6 +198,7 @@ def test_auto_backend_matches_the_torch_reference():
     """On CPU ``backend="auto"`` runs compiled FlexAttention (one compile, several seconds)."""
     q, k, v = qkv(48 + 16)
     ctx = make_ctx(text=16, position="prefix")
-    auto = TopKAttention(sparse_config("topk", 0.3, backend="auto")).run(q, k, v, ctx)
-    reference = TopKAttention(sparse_config("topk", 0.3)).run(q, k, v, ctx)
+    topk = ATTENTION_METHODS.get("topk")
+    auto = topk(sparse_config("topk", 0.3, backend="auto")).run(q, k, v, ctx)
+    reference = topk(sparse_config("topk", 0.3)).run(q, k, v, ctx)
     torch.testing.assert_close(auto, reference, atol=1e-5, rtol=1e-5)

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import accel
+from accel.attention.patterns import SPARSE_PATTERNS
 from accel.caching import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, TeaCacheConfig
 from accel.pipelines.reference.build import REFERENCE_DEFAULTS, ReferenceConfig, build_reference_pipeline
 
 STEPS = 4
-PATTERNS = ["spatiotemporal", "radial", "tile_window", "topk", "cluster", "radial+int8", "int8"]
+PATTERNS = [*SPARSE_PATTERNS.names(), "radial+int8", "int8"]
 
 
 @pytest.fixture(scope="module")

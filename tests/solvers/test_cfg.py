@@ -3,22 +3,18 @@ import pytest
 import torch
 
 import accel
-from accel.pipelines.tiny import build_tiny_pipeline
+from accel.pipelines.tiny import TINY_SPECS, build_tiny_pipeline
 from accel.solvers.swap import EulerConfig
 
 STEPS = 4
-# family -> (extra call kwargs, kwargs that turn guidance off in the unpatched pipeline)
-CASES = {
-    "wan": ({}, {"guidance_scale": 1.0}),  # separate cond / uncond calls
-    "hunyuan_video": ({}, {"true_cfg_scale": 1.0}),  # true CFG: separate calls
-    "flux": ({"negative_prompt": "blurry, low quality", "true_cfg_scale": 2.0}, {"true_cfg_scale": 1.0}),
-    "ltx": ({}, {"guidance_scale": 1.0}),  # batched [uncond, cond] in one call
-}
+# family -> call kwargs that turn CFG on where the tiny call leaves it off (guidance-distilled FLUX)
+CFG_ON = {"wan": {}, "hunyuan_video": {}, "ltx": {},
+          "flux": {"negative_prompt": "blurry, low quality", "true_cfg_scale": 2.0}}
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("family", list(CFG_ON))
 def test_uncond_skipping_outside_the_interval(family, run_latents, call_counter):
-    extra, no_guidance = CASES[family]
+    extra, no_guidance = CFG_ON[family], TINY_SPECS[family].guidance_off
     pipe = build_tiny_pipeline(family)
     with accel.patched(pipe, solver="euler"):
         counter = call_counter(pipe.transformer)
@@ -42,7 +38,7 @@ def test_uncond_skipping_outside_the_interval(family, run_latents, call_counter)
         counters = handle.summary()["methods"]["solver"]["counters"]
     assert torch.equal(skipped, cond_only)
     assert counter.rows == full_rows // 2, "half the transformer work is gone"
-    if family == "ltx":
+    if TINY_SPECS[family].cfg == "batched":
         assert counters["batched_halves_skipped"] == STEPS and counter.calls == STEPS
     else:
         assert counters["uncond_calls_skipped"] == STEPS and counter.calls == STEPS

@@ -7,13 +7,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 import accel
-from accel.pipelines.tiny import build_tiny_pipeline
+from accel.pipelines.tiny import TINY_SPECS, build_tiny_pipeline
 from accel.solvers.schedule import SchedulePlanner, resample
 from accel.solvers.swap import EulerConfig, SwappedScheduler, UniPCConfig
 
-FLOW_FAMILIES = ("wan", "wan22", "hunyuan_video", "ltx", "flux")
+FLOW_FAMILIES = tuple(name for name, spec in TINY_SPECS.items() if spec.flow_matching)
 SOLVERS = ("euler", "heun", "unipc", "dpmpp")
-CALLS_PER_STEP = {"wan": 2, "wan22": 2, "hunyuan_video": 2, "ltx": 1, "flux": 1}  # tiny call kwargs' CFG
 
 
 @pytest.mark.parametrize("family", FLOW_FAMILIES)
@@ -33,7 +32,7 @@ def test_each_swap_overrides_steps_and_remove_restores(family, run_latents):
         evaluations = 2 * 3 - 1 if solver == "heun" else 3  # Heun: predictor + corrector per inner step
         assert handle.step.num_steps == evaluations, solver
         assert handle.summary()["steps_run"] == evaluations
-        assert len(seen) == evaluations * CALLS_PER_STEP[family], solver
+        assert len(seen) == evaluations * TINY_SPECS[family].calls_per_step, solver
         assert torch.isfinite(out).all(), solver
         handle.remove()
         assert pipe.scheduler is original
