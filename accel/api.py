@@ -10,16 +10,13 @@ from accel import pipelines  # noqa: F401  (fills the model-adapter registry)
 from accel.base.adapter import ModelAdapter
 from accel.base.changes import ChangeLog
 from accel.base.context import StepContext
-from accel.base.method import Method, PatchSession, build_method
+from accel.base.method import Method, PatchSession
 from accel.base.registry import MODEL_ADAPTERS
 
-from .config import KINDS, Config, resolve_method
+from .config import KINDS, Config, Part, resolve_method
 from .step_tracking import install_step_tracking
 
 _HANDLE_ATTR = "_accel_handle"
-# Solvers may swap the scheduler, which step tracking then wraps; caches wrap block stacks that
-# attention methods run inside. Attach in this order, undo in reverse.
-_ATTACH_ORDER = ("solver", "cache", "attention")
 
 
 class Summary(dict):
@@ -109,16 +106,14 @@ def patch(pipe: Any, preset: Optional[str] = None, *, attention: Any = None, cac
 
     changes = ChangeLog()
     session = PatchSession(pipe=scheduler_owner, models=models, adapter=adapter, step=StepContext(), changes=changes)
-    methods: Dict[str, Optional[Method]] = {kind: None for kind in KINDS}
     try:
-        for kind in _ATTACH_ORDER:
-            resolved = parts[kind]
-            if resolved is not None:
-                methods[kind] = build_method(*resolved)
-                methods[kind].attach(session)
-            if kind == "solver":
-                install_step_tracking(session)
-        handle = Handle(pipe, session, methods, preset_name)
+        # The solver may swap the scheduler, which step tracking then wraps; the cache gates the
+        # blocks that attention methods run inside. Undo runs in reverse.
+        solver = _attach(parts["solver"], session)
+        install_step_tracking(session)
+        cache = _attach(parts["cache"], session)
+        attention = _attach(parts["attention"], session)
+        handle = Handle(pipe, session, {"attention": attention, "cache": cache, "solver": solver}, preset_name)
         changes.set_attr(pipe, _HANDLE_ATTR, handle)
     except BaseException:
         changes.undo_all()
@@ -179,6 +174,14 @@ def _release_previous(pipe: Any, replace: bool) -> None:
     previous.remove()
 
 
+def _attach(part: Optional[Part], session: PatchSession) -> Optional[Method]:
+    if part is None:
+        return None
+    method = part.build()
+    method.attach(session)
+    return method
+
+
 def check_preset(adapter: ModelAdapter, preset_name: str) -> None:
     """``ValueError`` listing the family's presets unless ``preset_name`` is one of them."""
     if preset_name not in adapter.presets:
@@ -186,17 +189,14 @@ def check_preset(adapter: ModelAdapter, preset_name: str) -> None:
                          f"valid presets: {', '.join(adapter.presets)}")
 
 
-def _resolve_parts(adapter: ModelAdapter, config: Config) -> Tuple[Optional[str], Dict[str, Any]]:
+def _resolve_parts(adapter: ModelAdapter, config: Config) -> Tuple[Optional[str], Dict[str, Optional[Part]]]:
+    """The preset's parts (resolved here: a preset belongs to the adapter), overridden by the config's."""
     preset_name = config.preset
     if preset_name is None and not config.has_parts:
         preset_name = adapter.default_preset
-    parts: Dict[str, Any] = {kind: None for kind in KINDS}
+    parts: Dict[str, Optional[Part]] = {kind: None for kind in KINDS}
     if preset_name is not None:
         check_preset(adapter, preset_name)
-        for kind in KINDS:
-            parts[kind] = resolve_method(kind, adapter.presets[preset_name].get(kind))
-    for kind in KINDS:
-        spec = getattr(config, kind)
-        if spec is not None:
-            parts[kind] = resolve_method(kind, spec)
+        parts.update({kind: resolve_method(kind, spec) for kind, spec in adapter.presets[preset_name].items()})
+    parts.update(config.parts)
     return preset_name, parts

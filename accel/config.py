@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Type
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple, Optional, Type
 
 from accel import attention  # noqa: F401  (fills the method registries)
 from accel import caching  # noqa: F401
@@ -14,6 +15,16 @@ OFF = (None, "off", "none")
 KINDS = tuple(METHOD_REGISTRIES)  # ("attention", "cache", "solver")
 
 
+class Part(NamedTuple):
+    """One resolved method: its registered class and a validated config for it."""
+
+    method: Type
+    config: Any
+
+    def build(self):
+        return self.method(self.config)
+
+
 @dataclass(frozen=True)
 class Config:
     """Which preset and which method per kind.
@@ -21,33 +32,37 @@ class Config:
     Each of ``attention``/``cache``/``solver`` is a registered method name, that method's config
     dataclass (e.g. ``DenseAttentionConfig()``), or ``None``/``"off"``. Explicit parts override
     the preset's; with neither a preset nor any part, the pipeline's default preset applies.
+    ``parts`` holds each given part resolved, once, at construction (``None``: off).
     """
 
     preset: Optional[str] = None
     attention: Any = None
     cache: Any = None
     solver: Any = None
+    parts: Mapping[str, Optional[Part]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.preset is not None and not isinstance(self.preset, str):
             raise ValueError(f"Config.preset must be a preset name (str) or None, got {self.preset!r}")
-        for kind in KINDS:
-            resolve_method(kind, getattr(self, kind))  # raises ValueError on unknown names/types
+        given = {kind: resolve_method(kind, getattr(self, kind)) for kind in KINDS
+                 if getattr(self, kind) is not None}  # raises ValueError on unknown names/types
+        object.__setattr__(self, "parts", MappingProxyType(given))
 
     @property
     def has_parts(self) -> bool:
-        return any(getattr(self, kind) is not None for kind in KINDS)
+        return bool(self.parts)
 
 
-def resolve_method(kind: str, spec: Any) -> Optional[Tuple[Type, Any]]:
-    """(method class, config instance or None) for a spec, or None when the kind is off."""
+def resolve_method(kind: str, spec: Any) -> Optional[Part]:
+    """The method and config a spec names, or None when the kind is off."""
     registry = method_registry(kind)
     if spec is None or (isinstance(spec, str) and spec in OFF):
         return None
     if isinstance(spec, str) and "+" in spec:
         return _resolve_suffixed(kind, spec)
     if isinstance(spec, str):
-        return registry.get(spec), None
+        cls = registry.get(spec)
+        return Part(cls, cls.Config())
     if isinstance(spec, dict):  # preset entries: {"name": ..., **params}
         params = dict(spec)
         name = params.pop("name", None)
@@ -56,11 +71,11 @@ def resolve_method(kind: str, spec: Any) -> Optional[Tuple[Type, Any]]:
         if isinstance(name, str) and "+" in name:
             return _resolve_suffixed(kind, name, params)
         cls = registry.get(name)
-        return cls, cls.Config(**params)
+        return Part(cls, cls.Config(**params))
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         for _, cls in registry.items():
             if isinstance(spec, cls.Config):
-                return cls, spec
+                return Part(cls, spec)
     valid = ", ".join(registry.names()) or "(none yet)"
     raise ValueError(f"{kind} must be a method name ({valid}), one of their config objects, or None/'off'; "
                      f"got {spec!r}")
@@ -73,7 +88,7 @@ def _takes_quantize(cls: Type) -> bool:
     return dataclasses.is_dataclass(cls.Config) and "quantize" in {f.name for f in dataclasses.fields(cls.Config)}
 
 
-def _resolve_suffixed(kind: str, spec: str, params: Optional[dict] = None) -> Tuple[Type, Any]:
+def _resolve_suffixed(kind: str, spec: str, params: Optional[dict] = None) -> Part:
     """``"radial+int8"``: a sparse pattern whose config's ``quantize`` is the suffix."""
     name, _, suffix = spec.partition("+")
     registry = method_registry(kind)
@@ -85,4 +100,4 @@ def _resolve_suffixed(kind: str, spec: str, params: Optional[dict] = None) -> Tu
     if suffix not in QUANTIZE_SUFFIXES:
         raise ValueError(f"{kind} {spec!r}: quantize suffix must be one of "
                          f"{', '.join(map(repr, QUANTIZE_SUFFIXES))}, got {suffix!r}")
-    return cls, cls.Config(**{**(params or {}), "quantize": suffix})
+    return Part(cls, cls.Config(**{**(params or {}), "quantize": suffix}))

@@ -33,9 +33,9 @@ import torch
 from accel.base.config import check_choice, check_range
 from accel.base.context import AttnContext
 from accel.base.registry import ATTENTION_METHODS
-from accel.attention.kernels import BlockLayout
+from accel.attention.kernels import QUANT_BACKENDS, BlockLayout
 
-from .patterns.base import QUANT_BACKENDS, BlockPattern, BlockPlan, check_quantization
+from .patterns.base import BlockPattern, BlockPlan, check_quantization
 from .reorder import TokenPermutation
 from .sparse import SparseAttention, leading_call
 

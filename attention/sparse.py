@@ -12,49 +12,17 @@ kernel between the pattern's permutation and its inverse, and density counters f
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from accel.base.context import AttnContext
 from accel.base.registry import ATTENTION_METHODS
-from accel.attention.kernels import (block_sparse_attention, quant_triton_supported, quantized_block_sparse_attention,
-                                     triton_supported)
+from accel.attention.kernels import block_sparse_attention, quantized_block_sparse_attention, select_backend
 
 from .base import AttentionMethod
 from .intercept import dense_attention
 from .patterns import SPARSE_PATTERNS, BlockPattern, Geometry, geometry_of
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def kernel_unsupported(q: torch.Tensor, backend: str) -> Optional[str]:
-    """Why no block-sparse backend can run q on its device, or None."""
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} has no block-sparse kernel (fp16, bf16, fp32)"
-    if q.device.type not in ("cpu", "cuda"):
-        return f"device {q.device.type} has no block-sparse kernel"
-    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
-        ok, why = triton_supported(q)
-        if not ok:
-            return f"Triton block-sparse kernel: {why}"
-    return None
-
-
-def quantized_unsupported(q: torch.Tensor, backend: str, pv: str) -> Optional[str]:
-    """Why INT8 attention cannot run q, or None. Only the Triton kernel is fast; the torch
-    simulation runs anywhere but only when asked for (backend="torch"), so "auto" off CUDA is a
-    reason to fall back rather than a silent slowdown."""
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} has no INT8 attention (fp16, bf16, fp32)"
-    if backend == "torch":
-        return None
-    if backend == "auto" and q.device.type != "cuda":
-        return (f"INT8 attention runs on CUDA, not {q.device.type} "
-                "(backend='torch' runs its simulated-quantization reference instead)")
-    ok, why = quant_triton_supported(q, pv)
-    return None if ok else f"INT8 Triton kernel: {why}"
-
 
 def leading_call(ctx: AttnContext, layers: int, step_fraction: float) -> bool:
     """Whether the call is in the first ``layers`` layers or the first ``step_fraction`` of the
@@ -92,6 +60,15 @@ def text_padding_keep(attn_mask: torch.Tensor, geom: Geometry, batch: int, kv_le
     return (None if bool(text.all()) else text), None
 
 
+class Prepared(NamedTuple):
+    """One call as ``unsupported`` found it runnable: ``attend`` reuses it instead of deciding again."""
+
+    q: torch.Tensor
+    geom: Geometry
+    keep: Optional[torch.Tensor]  # kept text keys (B|1, text), None when nothing is masked
+    backend: Optional[str]  # the kernel backend of a sparse call; None for a dense one
+
+
 class SparseAttention(AttentionMethod):
     """Base of the block-sparse methods; subclasses set ``name``, ``Config`` and ``Pattern``."""
 
@@ -105,7 +82,7 @@ class SparseAttention(AttentionMethod):
         self.quantized_calls = 0
         self.full_precision_calls = 0  # sparse calls that quantize="int8" kept unquantized
         self._density: Dict[Tuple[int, int], List[Any]] = {}  # (step, layer) -> [sum, calls]
-        self._prepared: Optional[tuple] = None  # (q, geometry, text keep) from unsupported() for attend()
+        self._prepared: Optional[Prepared] = None  # what unsupported() found, for attend()
 
     # -- one call -------------------------------------------------------------------------------
 
@@ -120,29 +97,29 @@ class SparseAttention(AttentionMethod):
         return out
 
     def unsupported(self, q, k, v, ctx: AttnContext, attn_mask) -> Optional[str]:
-        geom, keep, reason = self._prepare(q, k, ctx, attn_mask)
-        if reason is None:
-            self._prepared = (q, geom, keep)
+        prepared, reason = self._prepare(q, k, ctx, attn_mask)
+        self._prepared = prepared
         return reason
 
-    def _prepare(self, q, k, ctx: AttnContext, attn_mask) -> Tuple[Optional[Geometry], Optional[torch.Tensor],
-                                                                     Optional[str]]:
-        """(geometry, kept text keys, None), or a reason this call cannot run sparse."""
+    def _prepare(self, q, k, ctx: AttnContext, attn_mask) -> Tuple[Optional["Prepared"], Optional[str]]:
+        """What this call runs on (geometry, kept text keys, kernel backend), or why it cannot run sparse."""
         if q.shape[1] != k.shape[1]:
-            return None, None, f"query length {q.shape[1]} differs from key length {k.shape[1]}"
+            return None, f"query length {q.shape[1]} differs from key length {k.shape[1]}"
         geom, reason = geometry_of(q.shape[1], ctx.layout)
-        reason = reason or self.pattern.unsupported(geom) or self._kernel_unsupported(q, ctx)
-        if reason is None and attn_mask is not None:
+        reason = reason or self.pattern.unsupported(geom)
+        if reason is not None:
+            return None, reason
+        backend = None
+        if not self.dense_now(ctx):  # dense calls need no kernel
+            backend, reason = select_backend(q, self.config.backend, self.quantize_now(ctx), self.config.pv)
+            if reason is not None:
+                return None, reason
+        keep = None
+        if attn_mask is not None:
             keep, reason = text_padding_keep(attn_mask, geom, q.shape[0], k.shape[1])
-            return geom, keep, reason
-        return geom, None, reason
-
-    def _kernel_unsupported(self, q, ctx: AttnContext) -> Optional[str]:
-        if self.dense_now(ctx):
-            return None  # dense calls need no kernel
-        if self.quantize_now(ctx):
-            return quantized_unsupported(q, self.config.backend, self.config.pv)
-        return kernel_unsupported(q, self.config.backend)
+            if reason is not None:
+                return None, reason
+        return Prepared(q, geom, keep, backend), None
 
     def quantize_now(self, ctx: AttnContext) -> bool:
         """INT8 for this sparse call: quantize is on, and neither a full-precision layer nor step."""
@@ -158,11 +135,12 @@ class SparseAttention(AttentionMethod):
             self.dense_calls += 1
             self._record(ctx, 1.0)
             return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        prepared_q, geom, keep = self._prepared if self._prepared is not None else (None, None, None)
-        if prepared_q is not q:  # attend() called directly, without run() and its fallback
-            geom, keep, reason = self._prepare(q, k, ctx, attn_mask)
+        prepared = self._prepared
+        if prepared is None or prepared.q is not q:  # attend() called directly, without run() and its fallback
+            prepared, reason = self._prepare(q, k, ctx, attn_mask)
             if reason is not None:
                 raise ValueError(f"{self.name}: {reason}")
+        geom, keep, backend = prepared.geom, prepared.keep, prepared.backend
         quantize = self.quantize_now(ctx)
         outputs, densities = [], []
         for rows, kept in self._batch_groups(q.shape[0], keep):
@@ -173,10 +151,9 @@ class SparseAttention(AttentionMethod):
             perm = plan.permutation
             inputs = (perm.permute_q(qg), perm.permute_kv(kg), perm.permute_kv(vg), plan.layout)
             if quantize:
-                out = quantized_block_sparse_attention(*inputs, scale=scale, pv=self.config.pv,
-                                                       backend=self.config.backend)
+                out = quantized_block_sparse_attention(*inputs, scale=scale, pv=self.config.pv, backend=backend)
             else:
-                out = block_sparse_attention(*inputs, scale=scale, backend=self.config.backend)
+                out = block_sparse_attention(*inputs, scale=scale, backend=backend)
             outputs.append(perm.restore(out))
             densities.append(plan.density)
         self.sparse_calls += 1

@@ -55,6 +55,13 @@ class CacheCalibration:
                              f"{self.num_steps}")
 
 
+def check_calibration_source(owner: str, source: Any) -> None:
+    """A config's ``calibration`` field: None, a JSON path, a parsed dict, or a loaded artifact."""
+    if source is not None and not isinstance(source, (str, os.PathLike, Mapping, CacheCalibration)):
+        raise ValueError(f"{owner}.calibration must be a JSON path, a dict or a CacheCalibration, "
+                         f"got {type(source).__name__}")
+
+
 def load_calibration(source: CalibrationSource, kind: str, *, model_class: Optional[str] = None,
                      num_steps: Optional[int] = None) -> CacheCalibration:
     """Load and validate an artifact (path, parsed dict, or an already loaded one).

@@ -2,7 +2,9 @@
 
 ``CacheConfig`` holds what the engine does for every rule (which blocks are cached, warm-up,
 final steps, the consecutive-reuse cap, forecasting, CFG reuse); each method's config adds its
-rule's knobs and overrides defaults. All fields are keyword-only.
+rule's knobs and overrides defaults. All fields are keyword-only. Configs are values: a
+``calibration`` is only checked to be a path, a dict or a loaded artifact here; the method loads
+it when it is built (``accel.patch``), so a missing or malformed file fails there.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any, Optional, Tuple
 
 from accel.base.config import check_choice, check_range
 
-from .calibration import CacheCalibration, CalibrationSource, load_calibration
+from .calibration import CalibrationSource, check_calibration_source
 from .forecast import FORECASTS
 
 
@@ -92,14 +94,6 @@ def _check_threshold(config: Any) -> None:
         raise ValueError(f"{type(config).__name__}.threshold must be finite, got {config.threshold!r}")
 
 
-def _load(config: Any, kind: str) -> Optional[CacheCalibration]:
-    """Load ``config.calibration`` at construction so a bad artifact fails early; kept unfielded."""
-    source: Optional[CalibrationSource] = config.calibration
-    loaded = None if source is None else load_calibration(source, kind)
-    object.__setattr__(config, "_loaded_calibration", loaded)
-    return loaded
-
-
 @dataclass(frozen=True, kw_only=True)
 class TeaCacheConfig(CacheConfig):
     """TeaCache: coefficients, if given, override the calibration, which overrides the adapter's."""
@@ -121,7 +115,7 @@ class TeaCacheConfig(CacheConfig):
             object.__setattr__(self, "coefficients", coefficients)
             if self.calibration is not None:
                 raise ValueError("TeaCacheConfig: give coefficients or calibration, not both")
-        _load(self, "teacache")
+        check_calibration_source("TeaCacheConfig", self.calibration)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +142,7 @@ class MagCacheConfig(CacheConfig):
 
     def _check(self) -> None:
         _check_threshold(self)
-        _load(self, "magcache")
+        check_calibration_source("MagCacheConfig", self.calibration)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,6 @@
 """Reuse rules: each says, from what it measures at one call, whether reusing is acceptable.
 
-A rule keeps its running quantities in a per-branch state object (``new_state``) and is driven
+A rule keeps its running quantities in a per-branch state (its ``State`` dataclass) and is driven
 by the engine through three calls, so its decision can be tested on constructed inputs:
 
 * ``propose(state, probe)`` at every call, before the cached blocks: update running quantities
@@ -15,8 +15,7 @@ by the engine through three calls, so its decision can be tested on constructed 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, FrozenSet, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -56,9 +55,10 @@ def _comparable(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
 class Rule:
     name = ""
     needs: FrozenSet[str] = frozenset()
+    State: ClassVar[Optional[type]] = None  # per-branch running quantities; None: the rule keeps none
 
     def new_state(self) -> Any:
-        return SimpleNamespace()
+        return None if self.State is None else self.State()
 
     def propose(self, state: Any, probe: Probe) -> bool:
         raise NotImplementedError
@@ -68,6 +68,12 @@ class Rule:
 
     def computed(self, state: Any, probe: Probe, span_output: torch.Tensor) -> None:
         pass
+
+
+@dataclass
+class TeaCacheState:
+    previous: Optional[torch.Tensor] = None  # modulated input at the previous call
+    accumulated: float = 0.0  # rescaled change summed since the last computed step
 
 
 class TeaCacheRule(Rule):
@@ -80,13 +86,11 @@ class TeaCacheRule(Rule):
 
     name = "teacache"
     needs = frozenset({MODULATED_INPUT})
+    State = TeaCacheState
 
     def __init__(self, threshold: float, coefficients: Sequence[float]):
         self.threshold = float(threshold)
         self.coefficients = tuple(float(c) for c in coefficients)
-
-    def new_state(self) -> Any:
-        return SimpleNamespace(previous=None, accumulated=0.0)
 
     def rescale(self, relative_change: float) -> float:
         return max(0.0, float(np.polyval(self.coefficients, relative_change)))
@@ -104,18 +108,21 @@ class TeaCacheRule(Rule):
             state.accumulated = 0.0
 
 
+@dataclass
+class FirstBlockState:
+    reference: Optional[torch.Tensor] = None  # first blocks' residual at the last computed step
+
+
 class FirstBlockRule(Rule):
     """Reuse while the first blocks' residual changed by less than ``threshold`` (relative mean
     absolute difference) against the last computed step."""
 
     name = "fbcache"
     needs = frozenset({FIRST_RESIDUAL})
+    State = FirstBlockState
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
-
-    def new_state(self) -> Any:
-        return SimpleNamespace(reference=None)
 
     def propose(self, state, probe):
         if not _comparable(probe.first_residual, state.reference):
@@ -125,6 +132,12 @@ class FirstBlockRule(Rule):
     def committed(self, state, probe, reused):
         if not reused:
             state.reference = probe.first_residual
+
+
+@dataclass
+class MagCacheState:
+    ratio: float = 1.0  # product of the per-step ratios since the last computed step
+    error: float = 0.0  # accumulated |1 - ratio|
 
 
 class MagCacheRule(Rule):
@@ -137,13 +150,11 @@ class MagCacheRule(Rule):
     """
 
     name = "magcache"
+    State = MagCacheState
 
     def __init__(self, threshold: float, ratios: Mapping[str, Sequence[float]]):
         self.threshold = float(threshold)
         self.ratios = {branch: tuple(float(r) for r in values) for branch, values in ratios.items()}
-
-    def new_state(self) -> Any:
-        return SimpleNamespace(ratio=1.0, error=0.0)
 
     def ratios_for(self, branch: str) -> Tuple[float, ...]:
         # Batched and single-branch runs calibrate as the branch they ran; fall back to "cond".
@@ -162,6 +173,15 @@ class MagCacheRule(Rule):
             state.ratio, state.error = 1.0, 0.0
 
 
+@dataclass
+class EasyCacheState:
+    previous_input: Optional[torch.Tensor] = None  # span input at the previous call
+    computed_input: Optional[torch.Tensor] = None  # span input and output at the last computed step
+    computed_output: Optional[torch.Tensor] = None
+    k: Optional[float] = None  # output change / input change between the last two computed steps
+    accumulated: float = 0.0
+
+
 class EasyCacheRule(Rule):
     """Runtime-only: k = (output change / input change) of the cached blocks between the last
     two computed steps; each later step adds k * (input change since the previous step) /
@@ -169,13 +189,10 @@ class EasyCacheRule(Rule):
 
     name = "easycache"
     needs = frozenset({SPAN_INPUT})
+    State = EasyCacheState
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
-
-    def new_state(self) -> Any:
-        return SimpleNamespace(previous_input=None, computed_input=None, computed_output=None,
-                               k=None, accumulated=0.0)
 
     def propose(self, state, probe):
         current, previous = probe.span_input, state.previous_input

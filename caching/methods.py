@@ -12,7 +12,7 @@ from accel.base.adapter import config_fingerprint
 from accel.base.method import Method, PatchSession
 from accel.base.registry import CACHE_METHODS
 
-from .calibration import CacheCalibration
+from .calibration import CacheCalibration, load_calibration
 from .configs import (CacheConfig, EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig,
                       TeaCacheConfig)
 from .engine import CacheEngine
@@ -24,7 +24,11 @@ IDENTITY_POLYNOMIAL = (1.0, 0.0)
 
 
 class ResidualCache(Method):
-    """Base of the cache methods: builds the rule, attaches the engine, reports its counters."""
+    """Base of the cache methods: builds the rule, attaches the engine, reports its counters.
+
+    A config's ``calibration`` (path, dict or loaded artifact) is loaded and checked here, when
+    the method is built, so a bad artifact fails ``accel.patch`` before anything is attached.
+    """
 
     kind = "cache"
     Config = CacheConfig
@@ -32,10 +36,9 @@ class ResidualCache(Method):
     def __init__(self, config: Any):
         super().__init__(config)
         self.engine: Optional[CacheEngine] = None
-
-    @property
-    def calibration(self) -> Optional[CacheCalibration]:
-        return getattr(self.config, "_loaded_calibration", None)
+        source = getattr(config, "calibration", None)
+        self.calibration: Optional[CacheCalibration] = (
+            None if source is None else load_calibration(source, self.name))
 
     def make_rule(self, session: PatchSession) -> Rule:
         raise NotImplementedError

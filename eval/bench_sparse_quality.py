@@ -31,7 +31,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from accel.attention.kernels import resolve_backend
+from accel.attention.kernels import select_backend
 from accel.attention.patterns import SPARSE_PATTERNS
 from accel.attention.sparse import SparseAttention
 from accel.base.registry import ATTENTION_METHODS
@@ -99,6 +99,13 @@ def pattern_config(name: str, density: float, **overrides: Any):
     fields = {f.name for f in dataclasses.fields(config_cls)}
     values = {"density": density, **overrides}
     return config_cls(**{k: v for k, v in values.items() if v is not None and k in fields})
+
+
+def kernel_label(q: torch.Tensor, config) -> str:
+    """The backend the method's sparse calls run on at this shape, or "dense fallback"."""
+    quantized = getattr(config, "quantize", "int8") != "none"  # int8's config has no quantize field
+    backend, _ = select_backend(q, config.backend, quantized, getattr(config, "pv", "input"))
+    return backend or "dense fallback"
 
 
 def densities_of(name: str, densities: Sequence[float]) -> Sequence[float]:
@@ -204,7 +211,7 @@ def run_sparse_bench(bench: QualityBench, patterns: Sequence[str], densities: Se
             setup = patch_setup(attention=config)
             fields = {"pattern": name, "density": density, "dense_warmup": getattr(config, "dense_warmup", 0.0),
                       "dense_layers": getattr(config, "dense_layers", 0), "block_size": config.block_size,
-                      "backend": resolve_backend(points[0].q, config.backend)}
+                      "backend": kernel_label(points[0].q, config)}
             row = bench.measure(fields, setup)
             realised = summary_fields(setup.summary)
             row = {**fields, "realised_density": realised.pop("mean_density"), **realised,

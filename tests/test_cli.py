@@ -1,19 +1,26 @@
+"""The ``accel`` command: listing, benchmarks, reserved names; errors exit non-zero without a traceback.
+
+Everything runs ``accel.cli.main`` in this process; one test starts the installed console script.
+"""
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "accel.cli", *args], capture_output=True, text=True, timeout=120)
+from accel.cli import main
 
 
-def test_list_json_schema():
-    result = run_cli("list", "--json")
-    assert result.returncode == 0, result.stderr
-    catalog = json.loads(result.stdout)
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_json_schema(capsys):
+    code, out, err = run(capsys, "list", "--json")
+    assert code == 0, err
+    catalog = json.loads(out)
     assert set(catalog) == {"models", "methods", "presets"}
     assert set(catalog["methods"]) == {"attention", "cache", "solver"}
     assert "dense" in catalog["methods"]["attention"]
@@ -25,30 +32,38 @@ def test_list_json_schema():
         assert family in families and presets, f"{family} has no preset"
 
 
-def test_list_human_readable():
-    result = run_cli("list")
-    assert result.returncode == 0
-    assert "WanTransformer3DModel" in result.stdout and "attention" in result.stdout
+def test_list_human_readable(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert "WanTransformer3DModel" in out and "attention" in out
 
 
 @pytest.mark.parametrize("command", ["calibrate", "eval"])  # calibrate without --cache/--solver
-def test_reserved_commands_exit_nonzero_without_traceback(command):
-    result = run_cli(command)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
+def test_reserved_commands_exit_nonzero_without_traceback(capsys, command):
+    code, _, err = run(capsys, command)
+    assert code != 0 and err.startswith(f"accel {command}:")
+    assert "Traceback" not in err
+
+
+def test_unknown_command_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["warp"])
+    assert exit_info.value.code == 2 and "invalid choice: 'warp'" in capsys.readouterr().err
 
 
 def test_console_script_installed():
     exe = shutil.which("accel")
     assert exe is not None, "the 'accel' console script is not on PATH (pip install -e .)"
-    assert subprocess.run([exe, "list", "--json"], capture_output=True, timeout=120).returncode == 0
-
-
-def test_bench_attention_tiny_cpu_writes_rows(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run_cli("bench", "attention", "--device", "cpu", "--shape", "tiny", "--densities", "1.0", "0.25",
-                     "--repeats", "2", "--json", str(out))
+    result = subprocess.run([exe, "list", "--json"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "wan" in {m["family"] for m in json.loads(result.stdout)["models"]}
+
+
+def test_bench_attention_tiny_cpu_writes_rows(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    code, _, err = run(capsys, "bench", "attention", "--device", "cpu", "--shape", "tiny", "--densities", "1.0",
+                       "0.25", "--repeats", "2", "--json", str(out))
+    assert code == 0, err[-2000:]
     rows = json.loads(out.read_text())
     backends = {row["backend"] for row in rows}
     assert {"flex"} <= backends and any(b.startswith("sdpa") for b in backends)

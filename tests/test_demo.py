@@ -1,11 +1,12 @@
-"""``accel demo`` writes videos and reports; bad input exits non-zero with a message, no traceback."""
+"""``accel demo`` writes videos and reports; bad input exits non-zero with a message, no traceback.
+
+Runs ``accel.cli.main`` in this process (tests/test_packaging.py runs the installed command).
+"""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from accel.cli import main
 from accel.pipelines.tiny import build_tiny_pipeline
 
 TINY_FLAGS = ["--steps", "2", "--height", "64", "--width", "64", "--frames", "9"]
@@ -18,15 +19,19 @@ def saved_tiny_wan(tmp_path_factory):
     return str(path)
 
 
-def demo(*args):
-    return subprocess.run([sys.executable, "-m", "accel.cli", "demo", *args], capture_output=True, text=True,
-                          timeout=600)
+@pytest.fixture
+def demo(capsys):
+    def run(*args):
+        code = main(["demo", *args])
+        _, err = capsys.readouterr()
+        return code, err
+    return run
 
 
-def test_demo_writes_videos_and_reports(saved_tiny_wan, tmp_path):
+def test_demo_writes_videos_and_reports(demo, saved_tiny_wan, tmp_path):
     out = tmp_path / "demo"
-    result = demo("--model", saved_tiny_wan, "--out", str(out), "--preset", "dense", "--seed", "3", *TINY_FLAGS)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, err = demo("--model", saved_tiny_wan, "--out", str(out), "--preset", "dense", "--seed", "3", *TINY_FLAGS)
+    assert code == 0, err[-2000:]
     report = json.loads((out / "report.json").read_text())
     for key in ("prompt", "preset", "baseline_seconds", "accelerated_seconds", "speedup", "psnr", "ssim"):
         assert key in report, key
@@ -39,18 +44,18 @@ def test_demo_writes_videos_and_reports(saved_tiny_wan, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_preset", "unwritable_out", "missing_model"])
-def test_demo_bad_input_is_a_clear_error(case, saved_tiny_wan, tmp_path):
+def test_demo_bad_input_is_a_clear_error(demo, case, saved_tiny_wan, tmp_path):
     if case == "unknown_preset":
-        result = demo("--model", saved_tiny_wan, "--out", str(tmp_path / "o"), "--preset", "warp", *TINY_FLAGS)
+        code, err = demo("--model", saved_tiny_wan, "--out", str(tmp_path / "o"), "--preset", "warp", *TINY_FLAGS)
         expected = "unknown preset 'warp'"
     elif case == "unwritable_out":
         blocker = tmp_path / "a-file"
         blocker.write_text("not a folder")
-        result = demo("--model", saved_tiny_wan, "--out", str(blocker / "sub"), *TINY_FLAGS)
+        code, err = demo("--model", saved_tiny_wan, "--out", str(blocker / "sub"), *TINY_FLAGS)
         expected = "cannot write to --out"
     else:
-        result = demo("--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"), *TINY_FLAGS)
+        code, err = demo("--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"), *TINY_FLAGS)
         expected = "cannot load --model"
-    assert result.returncode != 0
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    assert code != 0
+    assert expected in err
+    assert "Traceback" not in err

@@ -66,8 +66,3 @@ class Method:
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(f"accel {self.kind} {self.name!r}: {reason}", RuntimeWarning, stacklevel=3)
-
-
-def build_method(registry_entry: type, config: Optional[Any]) -> Method:
-    cls = registry_entry
-    return cls(config if config is not None else cls.Config())

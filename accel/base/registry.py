@@ -1,12 +1,13 @@
 """Name -> object registries for model adapters and methods.
 
-Registries are filled by the packages that own the entries (``pipelines`` registers adapters,
-``attention``/``caching``/``solvers`` register methods) when they are imported; ``accel.api``
-imports those packages, so every lookup through the public API sees a full registry.
+Registries are filled by the packages that own the entries (``accel.pipelines`` registers
+adapters, ``accel.attention``/``accel.caching``/``accel.solvers`` register methods) when they are
+imported; ``accel.api`` and ``accel.config`` import those packages, so every lookup through the
+public API sees a full registry.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 
 class Registry:
@@ -68,5 +69,3 @@ def method_registry(kind: str) -> Registry:
         raise ValueError(f"unknown method kind {kind!r}; valid kinds: {', '.join(METHOD_REGISTRIES)}")
     return METHOD_REGISTRIES[kind]
 
-
-Factory = Callable[..., Any]

@@ -7,6 +7,8 @@ quantized_attention_reference (simulated quantization, see quantize.py).
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from .block_layout import BlockLayout, dense_block_mask_to_indices
@@ -16,23 +18,57 @@ from .block_sparse_quant_triton import block_sparse_attention_quant_triton, quan
 from .block_sparse_triton import block_sparse_attention_triton, triton_supported
 from .quantize import fp8_supported, quantize_qkv, quantized_attention_reference, resolve_pv
 
-_BACKENDS = ("auto", "triton", "flex", "torch")
+BACKENDS = ("auto", "triton", "flex", "torch")
+QUANT_BACKENDS = ("auto", "triton", "torch")  # no FlexAttention path for INT8
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
-    """The backend that runs q: ``auto`` is the Triton kernel on CUDA when it supports q, else
-    compiled FlexAttention (the interpreter is never picked: it is a correctness tool)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    return "triton" if q.device.type == "cuda" and triton_supported(q)[0] else "flex"
+def select_backend(q: torch.Tensor, backend: str = "auto", quantized: bool = False,
+                   pv: str = "input") -> Tuple[Optional[str], Optional[str]]:
+    """(the backend that runs q, None), or (None, why none can): the one place "auto" is decided.
+
+    Block-sparse: "auto" is the Triton kernel on CUDA (a head dim or device it does not support is
+    a reason, so callers fall back to exact dense attention) and compiled FlexAttention elsewhere
+    (the Triton interpreter is never picked: it is a correctness tool). INT8: the Triton kernel on
+    CUDA; the torch simulation only when asked for (backend="torch"), never chosen silently: it
+    would look like acceleration and be slower than the dense attention it replaces.
+    """
+    allowed = QUANT_BACKENDS if quantized else BACKENDS
+    if backend not in allowed:
+        raise ValueError(f"backend: expected one of {allowed}, got {backend!r}")
+    if q.dtype not in KERNEL_DTYPES:
+        return None, f"dtype {q.dtype} has no {'INT8' if quantized else 'block-sparse'} kernel (fp16, bf16, fp32)"
+    if quantized:
+        if backend == "torch":
+            return "torch", None
+        if backend == "auto" and q.device.type != "cuda":
+            return None, (f"INT8 attention runs on CUDA, not {q.device.type} "
+                          "(backend='torch' runs its simulated-quantization reference instead)")
+        ok, why = quant_triton_supported(q, pv)
+        return ("triton", None) if ok else (None, f"INT8 Triton kernel: {why}")
+    if q.device.type not in ("cpu", "cuda"):
+        return None, f"device {q.device.type} has no block-sparse kernel"
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+        ok, why = triton_supported(q)
+        return ("triton", None) if ok else (None, f"Triton block-sparse kernel: {why}")
+    return ("flex" if backend == "auto" else backend), None
+
+
+def _runnable(q: torch.Tensor, backend: str, quantized: bool = False, pv: str = "input") -> str:
+    """``select_backend`` for the functions below, which must compute where a method would fall back
+    to dense: "auto" then takes the path that runs anywhere (FlexAttention; the INT8 simulation)."""
+    name, why = select_backend(q, backend, quantized, pv)
+    if name is None:
+        if backend != "auto":
+            raise ValueError(why)
+        name = "torch" if quantized else "flex"
+    return name
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                            scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """Block-sparse attention through the chosen backend (``resolve_backend`` picks for auto)."""
-    backend = resolve_backend(q, backend)
+    """Block-sparse attention through ``backend`` ("auto": ``select_backend`` picks, else FlexAttention)."""
+    backend = _runnable(q, backend)
     if backend == "triton":
         return block_sparse_attention_triton(q, k, v, layout, scale)
     if backend == "flex":
@@ -40,21 +76,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return block_sparse_attention_reference(q, k, v, layout, scale)
 
 
-_QUANT_BACKENDS = ("auto", "triton", "torch")
-
-
 def quantized_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                                      scale: float | None = None, pv: str = "input",
                                      backend: str = "auto") -> torch.Tensor:
-    """INT8 QK^T block-sparse attention (PV in the input dtype or FP8, see ``resolve_pv``).
-
-    auto: the Triton kernel on CUDA when it supports the inputs, otherwise the simulated-
-    quantization torch reference (slow; the same numbers the kernel would give).
-    """
-    if backend not in _QUANT_BACKENDS:
-        raise ValueError(f"backend: quantized attention runs on one of {_QUANT_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" and quant_triton_supported(q, pv)[0] else "torch"
+    """INT8 QK^T block-sparse attention (PV in the input dtype or FP8, see ``resolve_pv``) through
+    ``backend``: "triton" (the kernel), "torch" (the simulated-quantization reference: slow, the
+    same numbers the kernel gives) or "auto" (``select_backend``, else the simulation)."""
+    backend = _runnable(q, backend, quantized=True, pv=pv)
     if backend == "triton":
         return block_sparse_attention_quant_triton(q, k, v, layout, scale, pv)
     return quantized_attention_reference(q, k, v, layout, scale, resolve_pv(pv, q.device))
@@ -73,7 +101,7 @@ __all__ = [
     "quantize_qkv",
     "quantized_block_sparse_attention",
     "quantized_attention_reference",
-    "resolve_backend",
+    "select_backend",
     "resolve_pv",
     "triton_supported",
 ]

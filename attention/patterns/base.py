@@ -17,13 +17,11 @@ import torch
 from accel.base.config import check_choice, check_range
 from accel.base.context import AttnContext, TokenLayout
 from accel.base.registry import Registry
-from accel.attention.kernels import BlockLayout
+from accel.attention.kernels import BACKENDS, QUANT_BACKENDS, BlockLayout
 from accel.attention.reorder import TokenPermutation, identity_order, place_text
 
-BACKENDS = ("auto", "triton", "flex", "torch")
 QUANTIZE = ("none", "int8")
 PV_MODES = ("input", "fp8", "auto")
-QUANT_BACKENDS = ("auto", "triton", "torch")  # no FlexAttention path for INT8
 
 
 def check_quantization(owner: str, config) -> None:

@@ -43,7 +43,6 @@ from accel.pipelines.reference import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "judge.safetensors")
-CONFIG = os.path.join(HERE, "judge.json")
 HEADS = {"shape": len(data.SHAPES), "colour": len(data.COLOUR_NAMES),
          "motion": len(data.MOTIONS), "background": len(data.BACKGROUNDS)}
 INPUT_SIZE = (16, 64, 128)  # frames, height, width the judge resamples to
@@ -164,10 +163,6 @@ def predict(videos, judge: Judge | None = None) -> torch.Tensor:
     """(N, 4) predicted (shape, colour, motion, background) indices."""
     logits = _run(videos, lambda j, b: j(b), judge)
     return torch.stack([logits[k].argmax(-1) for k in HEADS], dim=1)
-
-
-def predict_specs(videos, judge: Judge | None = None) -> list[data.Spec]:
-    return [data.spec_from_index(row) for row in predict(videos, judge)]
 
 
 def prompt_accuracy(videos, specs: Sequence[data.Spec], judge: Judge | None = None) -> float:

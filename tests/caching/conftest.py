@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -43,11 +45,18 @@ def per_branch(decisions, branch):
     return [reused for _, b, reused in decisions if b == branch]
 
 
+@dataclass
+class CallCount:
+    calls: int = 0
+
+
 class AlwaysReuse(Rule):
     """Proposes reuse at every call; counts the calls it saw in its per-branch state."""
 
+    State = CallCount
+
     def propose(self, state, probe):
-        state.calls = getattr(state, "calls", 0) + 1
+        state.calls += 1
         return True
 
 

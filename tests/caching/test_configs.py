@@ -1,4 +1,6 @@
 """Cache configs validate on construction and resolve through the public API."""
+import dataclasses
+
 import pytest
 
 import accel
@@ -67,20 +69,24 @@ def test_names_config_objects_and_preset_entries_resolve():
     assert accel.Config(cache=FixedCacheConfig(interval=3)).cache.interval == 3
 
 
-def test_calibration_is_loaded_at_construction(tmp_path):
+def test_configs_are_values_and_the_method_loads_the_calibration(tmp_path):
+    missing = TeaCacheConfig(calibration=str(tmp_path / "missing.json"))  # no file I/O in a config
+    assert vars(missing).keys() == {f.name for f in dataclasses.fields(TeaCacheConfig)}, "no hidden attributes"
+    teacache, magcache_method = CACHE_METHODS.get("teacache"), CACHE_METHODS.get("magcache")
     with pytest.raises(ValueError, match="does not exist"):
-        TeaCacheConfig(calibration=str(tmp_path / "missing.json"))
+        teacache(missing)
+    with pytest.raises(ValueError, match="calibration must be a JSON path"):
+        TeaCacheConfig(calibration=3)
     magcache = {"kind": "magcache", "model_class": "WanTransformer3DModel", "num_steps": 2,
                 "ratios": {"cond": [1.0, 1.0]}}
     with pytest.raises(ValueError, match="magcache artifact, not teacache"):
-        TeaCacheConfig(calibration=magcache)
+        teacache(TeaCacheConfig(calibration=magcache))
     with pytest.raises(ValueError, match="give coefficients or calibration"):
         TeaCacheConfig(coefficients=(1.0,), calibration={**magcache, "kind": "teacache", "coefficients": [1.0]})
-    loaded = MagCacheConfig(calibration=magcache)._loaded_calibration
-    assert loaded.ratios == {"cond": (1.0, 1.0)}
+    assert magcache_method(MagCacheConfig(calibration=magcache)).calibration.ratios == {"cond": (1.0, 1.0)}
     with pytest.raises(ValueError, match="2 ratios for 3 steps"):
         load_calibration({**magcache, "num_steps": 3}, "magcache")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        MagCacheConfig(calibration=str(bad))
+        magcache_method(MagCacheConfig(calibration=str(bad)))
