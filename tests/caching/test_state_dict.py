@@ -30,13 +30,13 @@ def test_load_state_dict_and_save_pretrained_round_trip_while_attached(tmp_path)
 
 
 def lora_weights(transformer, rank=4, seed=0):
-    """A LoRA state dict in diffusers' key format for every self-attention q/k/v projection."""
+    """A LoRA state dict in diffusers' pipeline key format for every self-attention q/k/v projection."""
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for name, module in transformer.named_modules():
         if name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v")):
-            weights[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.2
-            weights[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.2
+            weights[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.2
+            weights[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.2
     assert weights
     return weights
 
@@ -49,9 +49,9 @@ def test_lora_loads_into_a_patched_transformer_as_into_an_unpatched_one():
     """diffusers' own LoRA loading (its PEFT integration; peft is a test dependency)."""
     plain, patched = build_tiny_pipeline("wan"), build_tiny_pipeline("wan")
     without_lora = frames(plain)
-    plain.transformer.load_lora_adapter(lora_weights(plain.transformer), adapter_name="probe", prefix=None)
+    plain.load_lora_weights(lora_weights(plain.transformer), adapter_name="probe")
     with accel.patched(patched, cache=NEVER_REUSES):
-        patched.transformer.load_lora_adapter(lora_weights(patched.transformer), adapter_name="probe", prefix=None)
+        patched.load_lora_weights(lora_weights(patched.transformer), adapter_name="probe")
         with_lora = frames(patched)
     assert not torch.equal(with_lora, without_lora), "the LoRA changes the output"
     assert torch.equal(with_lora, frames(plain))
