@@ -101,8 +101,8 @@ def patch(pipe: Any, preset: Optional[str] = None, *, attention: Any = None, cac
         raise ValueError(f"config must be an accel.Config, got {type(config).__name__}")
 
     adapter, models, scheduler_owner = _find_models(pipe)
-    _release_previous(pipe, replace)
     preset_name, parts = _resolve_parts(adapter, config)
+    _release_previous(pipe, models, replace)
 
     changes = ChangeLog()
     session = PatchSession(pipe=scheduler_owner, models=models, adapter=adapter, step=StepContext(), changes=changes)
@@ -114,7 +114,8 @@ def patch(pipe: Any, preset: Optional[str] = None, *, attention: Any = None, cac
         cache = _attach(parts["cache"], session)
         attention = _attach(parts["attention"], session)
         handle = Handle(pipe, session, {"attention": attention, "cache": cache, "solver": solver}, preset_name)
-        changes.set_attr(pipe, _HANDLE_ATTR, handle)
+        for owned in {id(obj): obj for obj in (pipe, *models)}.values():
+            changes.set_attr(owned, _HANDLE_ATTR, handle)
     except BaseException:
         changes.undo_all()
         raise
@@ -164,14 +165,28 @@ def _find_models(pipe: Any) -> Tuple[ModelAdapter, List[torch.nn.Module], Any]:
     return found[0][0], [m for _, m in found], owner
 
 
-def _release_previous(pipe: Any, replace: bool) -> None:
-    previous = getattr(pipe, "__dict__", {}).get(_HANDLE_ATTR)
-    if previous is None or previous.removed:
-        return
-    if not replace:
-        raise ValueError(f"{type(pipe).__name__} is already patched by {previous!r}; "
-                         "call handle.remove() first or pass replace=True")
-    previous.remove()
+def live_handle(obj: Any) -> Optional[Handle]:
+    """The handle that patched ``obj`` (a pipeline or one of its transformers) and is not removed."""
+    handle = getattr(obj, "__dict__", {}).get(_HANDLE_ATTR)
+    return handle if handle is not None and not handle.removed else None
+
+
+def _release_previous(pipe: Any, models: List[torch.nn.Module], replace: bool) -> None:
+    """Refuse (or, with ``replace``, remove) every live handle on the pipeline or on its transformers.
+
+    Checking the models, not only ``pipe``, matters: ``accel.patch(pipe.transformer)`` then
+    ``accel.patch(pipe)``, or two pipelines sharing components (``WanPipeline(**pipe.components)``,
+    ``from_pipe``), would otherwise put two handles' hooks on the same modules.
+    """
+    for obj in (pipe, *models):
+        previous = live_handle(obj)
+        if previous is None:
+            continue
+        if not replace:
+            what = type(obj).__name__ if obj is pipe else f"its {type(obj).__name__}"
+            raise ValueError(f"{type(pipe).__name__}: {what} is already patched by {previous!r}; "
+                             "call that handle's remove() first or pass replace=True")
+        previous.remove()
 
 
 def _attach(part: Optional[Part], session: PatchSession) -> Optional[Method]:

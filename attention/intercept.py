@@ -9,8 +9,10 @@ How it works, and why it is shaped this way:
   for a router shared by all handles (reference-counted in ``accel.base.changes``).
 * The router does nothing on its own: it calls the original unless a context variable says that a
   patched attention module is running. Forward pre/post hooks on each patched module (instances
-  only) set and clear that variable, so unpatched models, cross-attention and text refiners keep
-  the original path, bit for bit.
+  only) push and remove their own entry, so unpatched models, cross-attention and text refiners
+  keep the original path, bit for bit. The variable holds a stack, and each post-hook removes
+  exactly the entry its pre-hook pushed: torch runs post-hooks in registration order, not in
+  reverse, so restoring "the previous value" could leave a removed method routed.
 """
 from __future__ import annotations
 
@@ -25,20 +27,25 @@ from accel.base.adapter import INVOKES_DISPATCH, INVOKES_SDPA, AttentionSite
 from accel.base.changes import ChangeLog, acquire_global
 from accel.base.context import AttnContext
 
-# (method, context) while a patched attention module's forward is running, else None.
-_ACTIVE: contextvars.ContextVar[Optional[Tuple[Any, AttnContext]]] = contextvars.ContextVar(
-    "accel_active_attention", default=None
+# (method, context) entries of the patched attention modules whose forward is running; the last wins.
+_ACTIVE: contextvars.ContextVar[Tuple[Tuple[Any, AttnContext], ...]] = contextvars.ContextVar(
+    "accel_active_attention", default=()
 )
+
+
+def routed_entries() -> Tuple[Tuple[Any, AttnContext], ...]:
+    """What the router would route to now (empty outside a patched attention module)."""
+    return _ACTIVE.get()
 
 
 def _route(query, key, value, attn_mask, scale) -> Optional[torch.Tensor]:
     """The method's output for a routed call, or None when no patched module is running."""
     active = _ACTIVE.get()
-    if active is None:
+    if not active:
         return None
-    method, ctx = active
+    method, ctx = active[-1]
     # Clear while the method runs so its own dense fallback (SDPA) is not routed again.
-    token = _ACTIVE.set(None)
+    token = _ACTIVE.set(())
     try:
         return method.run(query, key, value, ctx, attn_mask=attn_mask, scale=scale)
     finally:
@@ -74,7 +81,7 @@ class _FunctionalWithRoutedSDPA(types.ModuleType):
 
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
-        if _ACTIVE.get() is not None and not (dropout_p or is_causal or enable_gqa):
+        if _ACTIVE.get() and not (dropout_p or is_causal or enable_gqa):
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
             out = _route(q, k, v, attn_mask, scale)
             if out is not None:
@@ -100,14 +107,17 @@ def install_router(site: AttentionSite, invokes: str, changes: ChangeLog) -> boo
 def watch_module(site: AttentionSite, method: Any, make_context: Callable[[], AttnContext],
                  changes: ChangeLog) -> None:
     """Mark ``site`` as routed to ``method`` while its forward runs."""
-    tokens = []
+    pushed = []
 
     def enter(module, args):
-        tokens.append(_ACTIVE.set((method, make_context())))
+        entry = (method, make_context())
+        pushed.append(entry)
+        _ACTIVE.set(_ACTIVE.get() + (entry,))
 
     def leave(module, args, output):
-        if tokens:
-            _ACTIVE.reset(tokens.pop())
+        if pushed:
+            entry = pushed.pop()
+            _ACTIVE.set(tuple(e for e in _ACTIVE.get() if e is not entry))
 
     changes.keep_handle(site.module.register_forward_pre_hook(enter))
     # always_call: an exception inside attention must not leave the routing switched on.

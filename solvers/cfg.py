@@ -99,7 +99,7 @@ class CFGSkipper:
         The skipped calls returned a broadcastable zero (the true output shape is model-specific);
         replacing it here gives the scheduler a full-shape zero whatever the pipeline did with it.
         """
-        return torch.zeros_like(sample) if self.is_zero_step() else model_output
+        return torch.zeros_like(sample, dtype=model_output.dtype) if self.is_zero_step() else model_output
 
     # -- attaching --------------------------------------------------------------------------
     def attach(self, session: PatchSession) -> None:

@@ -138,11 +138,30 @@ class SchedulePlanner:
         if rejected:
             raise ValueError(f"the pipeline passed {', '.join(sorted(rejected))} to set_timesteps, which "
                              f"{type(self.reference).__name__} does not accept")
-        self.reference.set_timesteps(**kwargs)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a degenerate schedule is reported below
+            self.reference.set_timesteps(**kwargs)
         planned = self.reference.sigmas.detach().double().cpu().numpy()
         if getattr(self.reference, "order", 1) == 2:  # Heun repeats inner sigmas: s0, s1, s1, ..., 0
             planned = np.concatenate([planned[:1], planned[1::2]])
+        self._check(planned, n)
         return planned
+
+    def _check(self, planned: np.ndarray, n: int) -> None:
+        """A schedule every solver can run: finite, in [0, 1], strictly decreasing, one sigma per step."""
+        problem = None
+        if len(planned) != n + 1:
+            problem = f"has {len(planned) - 1} steps, not {n}"
+        elif not np.isfinite(planned).all():
+            problem = "is not finite"
+        elif planned.min() < 0 or planned.max() > 1 or (np.diff(planned) >= 0).any():
+            problem = "is not strictly decreasing in [0, 1]"
+        if problem is not None:
+            extra = (f" (it stretches to shift_terminal={self.reference.config.shift_terminal}, which a "
+                     f"{n}-step schedule cannot)" if self.reference.config.get("shift_terminal") else "")
+            what = f"{type(self.config).__name__}.steps" if self.config.steps else "num_inference_steps"
+            raise ValueError(f"{what}={n}: the pipeline's "
+                             f"{type(self.reference).__name__} schedule for {n} step(s) {problem}: "
+                             f"{np.round(planned, 4).tolist()}{extra}; choose another step count")
 
 
 def _force_static_shift(scheduler: Any, shift: float) -> None:

@@ -13,6 +13,7 @@ UniPC and DPM-Solver++ keep diffusers' integer timesteps in flow mode (what Wan 
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -52,6 +53,7 @@ class SwappedScheduler:
         self.solver = solver
         self._method = method
         self._step_params = set(inspect.signature(solver.step).parameters)
+        self._keeps = step_dtype_source(original)
 
     @property
     def config(self) -> Any:
@@ -66,11 +68,14 @@ class SwappedScheduler:
         self._method.last_num_steps = len(schedule) - 1
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, **kwargs: Any) -> Any:
+        # The pipeline's loop keeps the latents in the dtype its own scheduler returns (Wan's UniPC:
+        # the sample's, fp32; FlowMatchEuler: the model output's); the swap keeps that dtype too.
+        dtype = (sample if self._keeps == "sample" else model_output).dtype
         if self._method.cfg_skipper is not None:
             model_output = self._method.cfg_skipper.zero_velocity(model_output, sample)
         self._method.solver_steps += 1
         kwargs = {k: v for k, v in kwargs.items() if k in self._step_params}  # e.g. generator for UniPC
-        return self.solver.step(model_output, timestep, sample, **kwargs)
+        return _cast_prev_sample(self.solver.step(model_output, timestep, sample, **kwargs), dtype)
 
     def __getattr__(self, name: str) -> Any:
         solver = self.__dict__.get("solver")
@@ -80,6 +85,30 @@ class SwappedScheduler:
 
     def __repr__(self) -> str:
         return f"<accel SwappedScheduler {type(self.solver).__name__} in place of {type(self.original).__name__}>"
+
+
+def step_dtype_source(scheduler: Any) -> str:
+    """Whose dtype ``scheduler.step`` returns: "sample" or "model_output" (probed on a copy, one
+    2-element step with a bf16 velocity and an fp32 sample; diffusers' usual "model_output" when
+    the probe cannot run)."""
+    probe = copy.deepcopy(scheduler)
+    kwargs: Dict[str, Any] = {"num_inference_steps": 4}
+    if "mu" in inspect.signature(probe.set_timesteps).parameters and probe.config.get("use_dynamic_shifting"):
+        kwargs["mu"] = 1.0
+    try:
+        probe.set_timesteps(**kwargs)
+        out = probe.step(torch.zeros(1, 2, dtype=torch.bfloat16), probe.timesteps[0],
+                         torch.zeros(1, 2, dtype=torch.float32), return_dict=False)[0]
+    except Exception:  # an unprobeable scheduler: diffusers' schedulers mostly return the velocity's dtype
+        return "model_output"
+    return "sample" if out.dtype == torch.float32 else "model_output"
+
+
+def _cast_prev_sample(output: Any, dtype: torch.dtype) -> Any:
+    if isinstance(output, tuple):
+        return (output[0].to(dtype), *output[1:])
+    output.prev_sample = output.prev_sample.to(dtype)
+    return output
 
 
 class SchedulerSwap(Method):

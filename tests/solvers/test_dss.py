@@ -155,3 +155,14 @@ def test_learned_sigmas_stay_monotone():
 
     sigmas = _student_sigmas(torch.tensor([3.0, -2.0, 0.5, 0.0]))
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and bool((np.diff(sigmas.numpy()) < 0).all())
+
+
+def test_dss_keeps_the_latent_dtype_of_the_pipelines_own_loop(fitted):
+    """Wan's UniPC keeps fp32 latents under a bf16 transformer; DSS made them bf16 before."""
+    _, path = fitted
+    pipe = build_tiny_pipeline("wan", dtype=torch.bfloat16)
+    kwargs = {**tiny_call_kwargs("wan", steps=2), "output_type": "latent"}
+    own = pipe(**kwargs).frames.dtype
+    with accel.patched(pipe, solver={"name": "dss", "artifact": path}):
+        out = pipe(**kwargs).frames
+    assert own == torch.float32 and out.dtype == own and torch.isfinite(out).all()

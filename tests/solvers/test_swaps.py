@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 import accel
-from accel.pipelines.tiny import TINY_SPECS, build_tiny_pipeline
+from accel.pipelines.tiny import TINY_SPECS, build_tiny_pipeline, tiny_call_kwargs
 from accel.solvers.schedule import SchedulePlanner, resample
 from accel.solvers.swap import EulerConfig, SwappedScheduler, UniPCConfig
 
@@ -140,3 +140,30 @@ def test_solver_cache_and_attention_in_one_patch(run_latents):
     assert summary["methods"]["attention"]["counters"]["calls"] > 0
     handle.remove()
     assert torch.equal(run_latents(pipe, "wan"), reference)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])  # UniPC and FlowMatchEuler pipelines
+def test_swaps_keep_the_latent_dtype_of_the_pipelines_own_loop(family):
+    """In bf16 Wan's UniPC keeps fp32 latents and HunyuanVideo's Euler bf16 ones; every swap must
+    keep what the pipeline keeps (before: Euler/Heun/DSS made Wan's bf16, UniPC/DPM++/Heun and
+    cfg_zero_steps made HunyuanVideo's fp32)."""
+    pipe = build_tiny_pipeline(family, dtype=torch.bfloat16)
+    kwargs = {**tiny_call_kwargs(family, steps=2), "output_type": "latent"}
+    own = pipe(**kwargs).frames.dtype
+    for solver in [*SOLVERS, {"name": "euler", "cfg_zero_steps": 1}]:
+        with accel.patched(pipe, solver=solver):
+            out = pipe(**kwargs).frames
+        assert out.dtype == own and torch.isfinite(out).all(), solver
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_schedule_that_is_not_finite_is_refused_naming_steps_and_scheduler(solver):
+    """LTX stretches its schedule to shift_terminal, which one step cannot: before, UniPC/DPM++ gave an
+    all-NaN video and Euler/Heun an IndexError inside diffusers."""
+    pipe = build_tiny_pipeline("ltx")
+    with accel.patched(pipe, solver={"name": solver, "steps": 1}):
+        with pytest.raises(ValueError, match=r"steps=1: the pipeline's FlowMatchEulerDiscreteScheduler schedule "
+                                             r"for 1 step\(s\) is not finite.*shift_terminal"):
+            pipe(**{**tiny_call_kwargs("ltx", steps=2), "output_type": "latent"})
+    out = pipe(**{**tiny_call_kwargs("ltx", steps=2), "output_type": "latent"}).frames
+    assert torch.isfinite(out).all()
