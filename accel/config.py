@@ -100,4 +100,7 @@ def _resolve_suffixed(kind: str, spec: str, params: Optional[dict] = None) -> Pa
     if suffix not in QUANTIZE_SUFFIXES:
         raise ValueError(f"{kind} {spec!r}: quantize suffix must be one of "
                          f"{', '.join(map(repr, QUANTIZE_SUFFIXES))}, got {suffix!r}")
+    if params and params.get("quantize", suffix) != suffix:
+        raise ValueError(f"{kind} {spec!r} says quantize={suffix!r} but its entry also sets "
+                         f"quantize={params['quantize']!r}; give one")
     return Part(cls, cls.Config(**{**(params or {}), "quantize": suffix}))

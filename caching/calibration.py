@@ -18,12 +18,14 @@ on Wan2.1-1.3B, say) or another step count.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from accel.base.artifacts import as_float_list, as_int, read_json_object, required
+
 FORMAT_VERSION = 1
+MAX_STEPS = 10_000
 KINDS = ("teacache", "magcache")
 CalibrationSource = Union[str, "os.PathLike[str]", Mapping[str, Any], "CacheCalibration"]
 
@@ -66,26 +68,17 @@ def load_calibration(source: CalibrationSource, kind: str, *, model_class: Optio
                      num_steps: Optional[int] = None) -> CacheCalibration:
     """Load and validate an artifact (path, parsed dict, or an already loaded one).
 
-    Raises ``ValueError`` naming the problem: wrong kind, missing or malformed fields, or (when
-    given) another model class or step count.
+    Raises ``ValueError`` naming the file and the problem: unreadable or not JSON, wrong kind,
+    missing or malformed fields, or (when given) another model class or step count.
     """
     if isinstance(source, CacheCalibration):
         calibration = source
+    elif isinstance(source, Mapping):
+        calibration = _parse(dict(source), "<dict>")
+    elif isinstance(source, (str, os.PathLike)):
+        calibration = _parse(read_json_object(source, "calibration"), os.fspath(source))
     else:
-        if isinstance(source, Mapping):
-            data, where = dict(source), "<dict>"
-        elif isinstance(source, (str, os.PathLike)):
-            where = os.fspath(source)
-            try:
-                with open(where) as fh:
-                    data = json.load(fh)
-            except FileNotFoundError:
-                raise ValueError(f"calibration file {where} does not exist") from None
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"calibration file {where} is not valid JSON: {exc}") from None
-        else:
-            raise ValueError(f"calibration must be a JSON path or a dict, got {type(source).__name__}")
-        calibration = _parse(data, where)
+        raise ValueError(f"calibration must be a JSON path or a dict, got {type(source).__name__}")
     if calibration.kind != kind:
         raise ValueError(f"calibration {calibration.source} is a {calibration.kind} artifact, not {kind}")
     if model_class is not None:
@@ -94,44 +87,36 @@ def load_calibration(source: CalibrationSource, kind: str, *, model_class: Optio
     return calibration
 
 
-def _parse(data: Dict[str, Any], where: str) -> CacheCalibration:
-    def need(key: str) -> Any:
-        if key not in data:
-            raise ValueError(f"calibration {where} lacks the field {key!r}")
-        return data[key]
-
-    kind = need("kind")
+def _parse(data: Dict[str, Any], source: str) -> CacheCalibration:
+    where = f"calibration {source}"
+    kind = required(data, "kind", where)
     if kind not in KINDS:
-        raise ValueError(f"calibration {where}: kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
     if data.get("format", FORMAT_VERSION) != FORMAT_VERSION:
-        raise ValueError(f"calibration {where}: format {data.get('format')!r} is not supported "
+        raise ValueError(f"{where}: format {data.get('format')!r} is not supported "
                          f"(this version reads format {FORMAT_VERSION})")
-    num_steps = need("num_steps")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"calibration {where}: num_steps must be a positive integer, got {num_steps!r}")
+    num_steps = as_int(required(data, "num_steps", where), where, "num_steps", 1, MAX_STEPS)
+    model_class = required(data, "model_class", where)
+    if not isinstance(model_class, str) or not model_class:
+        raise ValueError(f"{where}: model_class must be a class name, got {model_class!r}")
     coefficients = ratios = None
     if kind == "teacache":
-        coefficients = tuple(_finite(c, where, "coefficients") for c in need("coefficients"))
+        coefficients = tuple(as_float_list(required(data, "coefficients", where), where, "coefficients"))
         if not 1 <= len(coefficients) <= 10:
-            raise ValueError(f"calibration {where}: 1 to 10 coefficients expected, got {len(coefficients)}")
+            raise ValueError(f"{where}: 1 to 10 coefficients expected, got {len(coefficients)}")
     else:
-        raw = need("ratios")
+        raw = required(data, "ratios", where)
         if not isinstance(raw, Mapping) or not raw:
-            raise ValueError(f"calibration {where}: ratios must map branch names to per-step lists")
-        ratios = {str(b): tuple(_finite(r, where, "ratios") for r in values) for b, values in raw.items()}
+            raise ValueError(f"{where}: ratios must map branch names to per-step lists")
+        # A ratio is |R_t| / |R_(t-1)| of residual norms: positive by construction.
+        ratios = {str(b): tuple(as_float_list(values, where, f"ratios[{b!r}]", positive=True))
+                  for b, values in raw.items()}
         for branch, values in ratios.items():
             if len(values) != num_steps:
-                raise ValueError(f"calibration {where}: branch {branch!r} has {len(values)} ratios "
-                                 f"for {num_steps} steps")
+                raise ValueError(f"{where}: branch {branch!r} has {len(values)} ratios for {num_steps} steps")
     meta = {k: v for k, v in data.items() if k not in ("kind", "model_class", "num_steps", "coefficients", "ratios")}
-    return CacheCalibration(kind=kind, model_class=str(need("model_class")), num_steps=num_steps,
-                            coefficients=coefficients, ratios=ratios, source=where, meta=meta)
-
-
-def _finite(value: Any, where: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"calibration {where}: {name} must be finite numbers, got {value!r}")
-    return float(value)
+    return CacheCalibration(kind=kind, model_class=model_class, num_steps=num_steps,
+                            coefficients=coefficients, ratios=ratios, source=source, meta=meta)
 
 
 def save_calibration(artifact: Mapping[str, Any], path: Union[str, "os.PathLike[str]"]) -> None:

@@ -38,6 +38,8 @@ from accel.base.config import check_range
 from accel.base.context import BRANCH_BATCHED, BRANCH_COND, BRANCH_UNCOND, StepContext
 from accel.base.method import PatchSession
 
+MAX_CFG_ZERO_STEPS = 1000  # as many as a schedule can have (solvers.schedule.MAX_STEPS)
+
 
 class CFGOptions:
     """Mixin of the solver config dataclasses, which declare (last, so that ``steps`` comes first)
@@ -58,7 +60,7 @@ class CFGOptions:
         if start > end:
             raise ValueError(f"{owner}.cfg_interval must have start <= end, got {interval!r}")
         object.__setattr__(self, "cfg_interval", (float(start), float(end)))
-        check_range(owner, "cfg_zero_steps", self.cfg_zero_steps, 0, None, integer=True)
+        check_range(owner, "cfg_zero_steps", self.cfg_zero_steps, 0, MAX_CFG_ZERO_STEPS, integer=True)
 
     @property
     def cfg_active(self) -> bool:

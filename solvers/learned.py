@@ -24,11 +24,13 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from accel.base.adapter import config_fingerprint
+from accel.base.artifacts import as_float_list, as_int, read_json_object, required
 from accel.base.config import check_range
 from accel.base.method import PatchSession
 from accel.base.registry import SOLVER_METHODS
 
 from .cfg import CFGOptions
+from .schedule import MAX_STEPS
 from .swap import SchedulerSwap
 
 ARTIFACT_FORMAT = "accel-dss"
@@ -92,22 +94,32 @@ class DSSArtifact:
 
     @classmethod
     def load(cls, path: str) -> "DSSArtifact":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read DSS artifact {path!r}: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
-            raise ValueError(f"{path!r} is not a DSS solver artifact (format must be {ARTIFACT_FORMAT!r})")
+        """Read and check an artifact; every problem is a ``ValueError`` naming the file and field."""
+        data = read_json_object(path, "DSS artifact")
+        where = f"DSS artifact {os.fspath(path)}"
+        if data.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(f"{where}: not a DSS solver artifact (format must be {ARTIFACT_FORMAT!r})")
         if data.get("version") != ARTIFACT_VERSION:
-            raise ValueError(f"{path!r} has artifact version {data.get('version')!r}; this accel reads "
+            raise ValueError(f"{where}: artifact version {data.get('version')!r}; this accel reads "
                              f"version {ARTIFACT_VERSION}")
+        model_class, fingerprint = (required(data, key, where) for key in ("model_class", "model_fingerprint"))
+        for key, value in (("model_class", model_class), ("model_fingerprint", fingerprint)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{where}: {key} must be a non-empty string, got {value!r}")
+        steps = as_int(required(data, "steps", where), where, "steps", 1, MAX_STEPS)
+        sigmas = as_float_list(required(data, "sigmas", where), where, "sigmas")
+        rows = required(data, "coefficients", where)
+        if not isinstance(rows, list):
+            raise ValueError(f"{where}: coefficients must be a list of rows, got {type(rows).__name__}")
+        coefficients = [as_float_list(row, where, f"coefficients[{i}]") for i, row in enumerate(rows)]
+        fit = data.get("fit", {})
+        if not isinstance(fit, dict):
+            raise ValueError(f"{where}: fit must be an object, got {type(fit).__name__}")
         try:
-            return cls(model_class=str(data["model_class"]), model_fingerprint=str(data["model_fingerprint"]),
-                       steps=data["steps"], sigmas=data["sigmas"], coefficients=data["coefficients"],
-                       fit=dict(data.get("fit", {})))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"DSS artifact {path!r} is missing or has a malformed field: {exc!r}") from None
+            return cls(model_class=model_class, model_fingerprint=fingerprint, steps=steps, sigmas=sigmas,
+                       coefficients=coefficients, fit=fit)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
 
 class DSSScheduler:
@@ -166,32 +178,26 @@ class DSSScheduler:
 
 @dataclass(frozen=True)
 class DSSConfig(CFGOptions):
-    """``artifact``: path of a JSON written by ``accel calibrate --solver dss``. ``steps``: optional,
-    must equal the artifact's step count (a guard in presets). ``check_model``: refuse an artifact
-    whose model fingerprint differs from the patched model's (same class, other architecture)."""
+    """``artifact``: path of a JSON written by ``accel calibrate --solver dss`` (or a loaded
+    ``DSSArtifact``). ``steps``: optional, must equal the artifact's step count (a guard in
+    presets). ``check_model``: refuse an artifact whose model fingerprint differs from the patched
+    model's (same class, other architecture). A value: the method loads the artifact when built."""
 
-    artifact: Optional[str] = None
+    artifact: Any = None
     steps: Optional[int] = None
     check_model: bool = True
     cfg_interval: Tuple[float, float] = (0.0, 1.0)  # cheaper CFG, as for every solver (solvers/cfg.py)
     cfg_zero_steps: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.artifact, (str, os.PathLike)):
+        if not isinstance(self.artifact, (str, os.PathLike, DSSArtifact)):
             raise ValueError(f"DSSConfig.artifact must be the path of a DSS artifact JSON "
                              f"(accel calibrate --solver dss ...), got {self.artifact!r}")
-        loaded = DSSArtifact.load(os.fspath(self.artifact))
         if self.steps is not None:
-            check_range("DSSConfig", "steps", self.steps, 1, None, integer=True)
-            if self.steps != loaded.steps:
-                raise ValueError(f"DSSConfig.steps is {self.steps} but artifact {self.artifact!r} was fitted for "
-                                 f"{loaded.steps} steps; fit one for {self.steps} steps")
+            check_range("DSSConfig", "steps", self.steps, 1, MAX_STEPS, integer=True)
+        if not isinstance(self.check_model, bool):
+            raise ValueError(f"DSSConfig.check_model must be True or False, got {self.check_model!r}")
         self._check_cfg()
-        object.__setattr__(self, "_artifact", loaded)
-
-    @property
-    def loaded(self) -> DSSArtifact:
-        return self.__dict__["_artifact"]
 
 
 @SOLVER_METHODS.register("dss")
@@ -201,8 +207,16 @@ class DSSSolver(SchedulerSwap):
     name = "dss"
     Config = DSSConfig
 
+    def __init__(self, config: DSSConfig):
+        super().__init__(config)
+        source = config.artifact
+        self.artifact = source if isinstance(source, DSSArtifact) else DSSArtifact.load(os.fspath(source))
+        if config.steps is not None and config.steps != self.artifact.steps:
+            raise ValueError(f"DSSConfig.steps is {config.steps} but artifact {config.artifact!r} was fitted for "
+                             f"{self.artifact.steps} steps; fit one for {config.steps} steps")
+
     def check_model(self, session: PatchSession) -> None:
-        artifact = self.config.loaded
+        artifact = self.artifact
         model_class = type(session.models[0]).__name__
         if model_class != artifact.model_class:
             raise ValueError(f"DSS artifact {self.config.artifact!r} was fitted for {artifact.model_class}, "
@@ -217,10 +231,10 @@ class DSSSolver(SchedulerSwap):
         return None
 
     def plan(self, num_inference_steps: Optional[int], **kwargs: Any) -> np.ndarray:
-        return np.asarray(self.config.loaded.sigmas, dtype=np.float64)
+        return np.asarray(self.artifact.sigmas, dtype=np.float64)
 
     def make_solver(self, original: Any) -> Any:
-        return DSSScheduler(self.config.loaded, int(original.config.get("num_train_timesteps", 1000)))
+        return DSSScheduler(self.artifact, int(original.config.get("num_train_timesteps", 1000)))
 
     def load_schedule(self, solver: Any, sigmas: np.ndarray, device: Any) -> None:
         solver.set_timesteps(device=device)

@@ -24,6 +24,7 @@ from accel.base.config import check_range
 from .cfg import CFGOptions
 
 _FLOW_MATCH_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+MAX_STEPS = 1000  # solver steps; diffusers' flow schedulers train on 1,000 timesteps
 _FLOW_PREDICTION_CLASSES = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
 
 
@@ -47,7 +48,7 @@ class SolverConfig(CFGOptions):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         if self.steps is not None:
-            check_range(owner, "steps", self.steps, 1, None, integer=True)
+            check_range(owner, "steps", self.steps, 1, MAX_STEPS, integer=True)
         if self.shift is not None:
             check_range(owner, "shift", self.shift, 0, None, low_inclusive=False)
             if math.isinf(self.shift):
@@ -65,12 +66,14 @@ class SolverConfig(CFGOptions):
 def check_sigmas(owner: str, sigmas: Any) -> Tuple[float, ...]:
     if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Sequence) and not hasattr(sigmas, "tolist"):
         raise ValueError(f"{owner}.sigmas must be a sequence of floats in (0, 1], got {sigmas!r}")
-    values = tuple(float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas))
-    if not values:
+    raw = sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas)
+    if not raw:
         raise ValueError(f"{owner}.sigmas must not be empty")
-    for i, s in enumerate(values):
-        if not 0.0 < s <= 1.0:
-            raise ValueError(f"{owner}.sigmas[{i}] must be in (0, 1], got {s!r}")
+    if len(raw) > MAX_STEPS:
+        raise ValueError(f"{owner}.sigmas must hold at most {MAX_STEPS} steps, got {len(raw)}")
+    for i, s in enumerate(raw):
+        check_range(owner, f"sigmas[{i}]", s, 0, 1, low_inclusive=False)
+    values = tuple(float(s) for s in raw)
     if any(b >= a for a, b in zip(values, values[1:])):
         raise ValueError(f"{owner}.sigmas must be strictly decreasing, got {values!r}")
     return values

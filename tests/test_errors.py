@@ -130,3 +130,21 @@ def test_exception_inside_attention_does_not_leave_routing_on(wan_pipe, monkeypa
         wan_pipe(**tiny_call_kwargs("wan"))
     assert intercept.routed_entries() == ()
     handle.remove()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: accel.Config(cache={"name": "fbcache", "threshold": 10 ** 400}), "FBCacheConfig.threshold must be a finite"),
+    (lambda: accel.Config(attention={"name": "radial", "density": 10 ** 400}), "RadialConfig.density must be a finite"),
+    (lambda: accel.Config(solver={"name": "euler", "sigmas": [1.0, 0.5, "x"]}), r"EulerConfig.sigmas\[2\] must be a number"),
+    (lambda: accel.Config(solver={"name": "euler", "sigmas": [[1.0], [0.5]]}), r"EulerConfig.sigmas\[0\] must be a number"),
+    (lambda: accel.Config(solver={"name": "euler", "steps": 10 ** 12}), r"EulerConfig.steps must be in \[1, 1000\]"),
+    (lambda: accel.Config(solver={"name": "unipc", "cfg_zero_steps": 10 ** 12}), "cfg_zero_steps must be in"),
+    (lambda: accel.Config(attention={"name": ["radial"]}), r"attention method is named by a string; got \['radial'\]"),
+    (lambda: accel.Config(cache={"name": {"fixed": 1}}), "cache method is named by a string"),
+    (lambda: accel.Config(attention={"name": "radial+int8", "quantize": "none"}),
+     "says quantize='int8' but its entry also sets quantize='none'"),
+])
+def test_config_misuse_is_a_value_error_naming_the_field(make, message):
+    """Each of these raised OverflowError/TypeError, allocated terabytes, or silently picked one value."""
+    with pytest.raises(ValueError, match=message):
+        make()

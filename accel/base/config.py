@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Iterable, Optional
 
 
@@ -24,8 +25,10 @@ def check_range(
     """Raise ``ValueError`` unless ``low <= value <= high`` (bounds optional, inclusivity per side)."""
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or (not integer and math.isnan(value)):
+    if isinstance(value, bool) or not ok_type or (isinstance(value, float) and math.isnan(value)):
         raise ValueError(f"{owner}.{field} must be {kind}, got {value!r}")
+    if not integer and isinstance(value, int) and abs(value) > sys.float_info.max:
+        raise ValueError(f"{owner}.{field} must be a finite number, got an integer of {len(str(abs(value)))} digits")
     below = low is not None and (value < low if low_inclusive else value <= low)
     above = high is not None and (value > high if high_inclusive else value >= high)
     if below or above:

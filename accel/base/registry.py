@@ -29,6 +29,8 @@ class Registry:
         return add if entry is None else add(entry)
 
     def get(self, name: str) -> Any:
+        if not isinstance(name, str):
+            raise ValueError(f"a {self.kind} is named by a string; got {name!r}")
         try:
             return self._entries[name]
         except KeyError:

@@ -124,3 +124,34 @@ def test_a_calibration_for_another_config_of_the_same_class_is_refused(tmp_path)
     other.transformer.register_to_config(ffn_dim=other.transformer.config.ffn_dim * 2)
     with pytest.raises(ValueError, match="another WanTransformer3DModel"):
         accel.patch(other, cache=MagCacheConfig(calibration=str(path)))
+
+
+GOOD = {"teacache": {"kind": "teacache", "model_class": "WanTransformer3DModel", "num_steps": 2,
+                     "coefficients": [1.0, 0.0]},
+        "magcache": {"kind": "magcache", "model_class": "WanTransformer3DModel", "num_steps": 2,
+                     "ratios": {"cond": [1.0, 0.9]}}}
+
+
+@pytest.mark.parametrize("kind, content, message", [
+    ("teacache", b"\x89PNG\r\n\x1a\n\x00\xff", "is not a text file"),
+    ("teacache", b"null", "must hold a JSON object, got NoneType"),
+    ("magcache", b"42", "must hold a JSON object, got int"),
+    ("magcache", None, "is a folder, not a JSON file"),
+    ("teacache", {"num_steps": True}, "num_steps must be an integer, got True"),
+    ("teacache", {"num_steps": "25"}, "num_steps must be an integer, got '25'"),
+    ("teacache", {"coefficients": "1.0"}, "coefficients must be a list of numbers, got str"),
+    ("teacache", {"coefficients": [1e308, 0.0]}, "coefficients must be finite numbers of magnitude"),
+    ("teacache", {"model_class": None}, "model_class must be a class name, got None"),
+    ("magcache", {"ratios": {"cond": [1.0, 0.0]}}, r"ratios\['cond'\] must be positive, got 0.0"),
+    ("magcache", {"ratios": {"cond": [1.0, -1]}}, r"ratios\['cond'\] must be positive, got -1"),
+    ("magcache", {"ratios": {"cond": [1.0, "x"]}}, r"ratios\['cond'\] must be numbers, got 'x'"),
+])
+def test_corrupt_calibrations_are_refused_naming_file_and_field(tmp_path, kind, content, message):
+    path = tmp_path / f"{kind}-2.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else json.dumps({**GOOD[kind], **content}).encode())
+    config = {"teacache": TeaCacheConfig, "magcache": MagCacheConfig}[kind](calibration=str(path))
+    with pytest.raises(ValueError, match=f"calibration {path}.*{message}"):
+        accel.patch(build_tiny_pipeline("wan"), cache=config)

@@ -95,12 +95,12 @@ def test_dss_velocity_formula():
 
 def test_artifacts_for_another_model_or_step_count_are_refused(fitted, tmp_path):
     artifact, path = fitted
+    wan = build_tiny_pipeline("wan")
     with pytest.raises(ValueError, match=r"DSSConfig.steps is 4 but artifact .* was fitted for 2 steps"):
-        DSSConfig(artifact=path, steps=4)
+        accel.patch(wan, solver=DSSConfig(artifact=path, steps=4))
     data = json.loads(open(path).read())
     other = tmp_path / "flux.json"
     other.write_text(json.dumps(dict(data, model_class="FluxTransformer2DModel")))
-    wan = build_tiny_pipeline("wan")
     with pytest.raises(ValueError, match="fitted for FluxTransformer2DModel, not WanTransformer3DModel"):
         accel.patch(wan, solver=DSSConfig(artifact=str(other)))
     assert "_accel_handle" not in vars(wan)
@@ -116,22 +116,49 @@ def test_artifacts_for_another_model_or_step_count_are_refused(fitted, tmp_path)
     (lambda d: dict(d, version=99), "artifact version 99"),
     (lambda d: dict(d, sigmas=[1.0, 0.7]), r"sigmas must have steps \+ 1 = 3 entries"),
     (lambda d: dict(d, sigmas=[1.0, 1.2, 0.0]), "must decrease strictly"),
+    (lambda d: dict(d, sigmas=[1.0, "x", 0.0]), "sigmas must be numbers, got 'x'"),
+    (lambda d: dict(d, sigmas=[[1.0], [0.5], [0.0]]), r"sigmas must be numbers, got \[1.0\]"),
     (lambda d: dict(d, coefficients=[[], []]), "lower-triangular rows"),
-    (lambda d: {k: v for k, v in d.items() if k != "steps"}, "missing or has a malformed field"),
+    (lambda d: dict(d, coefficients=[[], [1e308]]), "coefficients\\[1\\] must be finite numbers of magnitude"),
+    (lambda d: dict(d, steps=True), "steps must be an integer, got True"),
+    (lambda d: dict(d, model_class=7), "model_class must be a non-empty string"),
+    (lambda d: {k: v for k, v in d.items() if k != "steps"}, "lacks the field 'steps'"),
 ])
-def test_malformed_artifacts_are_refused(fitted, tmp_path, edit, message):
+def test_malformed_artifacts_are_refused_naming_file_and_field(fitted, tmp_path, edit, message):
     _, path = fitted
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(edit(json.loads(open(path).read()))))
-    with pytest.raises(ValueError, match=message):
-        DSSConfig(artifact=str(bad))
+    config = DSSConfig(artifact=str(bad))  # a value: nothing is read yet
+    with pytest.raises(ValueError, match=f"DSS artifact {bad}: .*{message}"):
+        accel.patch(build_tiny_pipeline("wan"), solver=config)
 
 
-def test_missing_artifact_and_bare_name(wan):
-    with pytest.raises(ValueError, match="cannot read DSS artifact"):
-        DSSConfig(artifact="/nonexistent/dss.json")
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "is not a text file"),
+    (b"null", "must hold a JSON object, got NoneType"),
+    (b"42", "must hold a JSON object, got int"),
+    (b"{\"format\": ", "is not valid JSON"),
+    (None, "is a folder, not a JSON file"),
+])
+def test_unreadable_artifact_files_are_refused_naming_the_file(tmp_path, content, message):
+    bad = tmp_path / "dss-4.json"
+    if content is None:
+        bad.mkdir()
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(ValueError, match=f"DSS artifact {bad}.*{message}"):
+        DSSArtifact.load(str(bad))
+
+
+def test_missing_artifact_bare_name_and_flag_types(wan):
+    with pytest.raises(ValueError, match="DSS artifact /nonexistent/dss.json does not exist"):
+        accel.patch(wan, solver=DSSConfig(artifact="/nonexistent/dss.json"))
     with pytest.raises(ValueError, match="DSSConfig.artifact must be the path"):
         accel.patch(wan, solver="dss")
+    with pytest.raises(ValueError, match="DSSConfig.check_model must be True or False, got 'no'"):
+        DSSConfig(artifact="x.json", check_model="no")
+    with pytest.raises(ValueError, match="DSSConfig.steps must be in"):
+        DSSConfig(artifact="x.json", steps=10**12)
 
 
 def test_cli_writes_one_artifact_per_step_count_and_reports_errors(tmp_path, capsys):
