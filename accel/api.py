@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -55,8 +56,13 @@ class Handle:
         return self.session.adapter.family
 
     def remove(self) -> None:
-        """Undo every change in reverse order. Calling it again does nothing."""
+        """Undo every change in reverse order. Calling it again does nothing.
+
+        Refused from inside a generation of the patched pipeline (a ``callback_on_step_end``): the
+        loop holds the scheduler and the step state that removing would take away mid-step.
+        """
         if not self.removed:
+            refuse_during_generation(self.target, "remove accel from")
             self.removed = True
             self.session.changes.undo_all()
 
@@ -101,6 +107,7 @@ def patch(pipe: Any, preset: Optional[str] = None, *, attention: Any = None, cac
         raise ValueError(f"config must be an accel.Config, got {type(config).__name__}")
 
     adapter, models, scheduler_owner = _find_models(pipe)
+    refuse_during_generation(pipe, "patch")
     preset_name, parts = _resolve_parts(adapter, config)
     _release_previous(pipe, models, replace)
 
@@ -163,6 +170,16 @@ def _find_models(pipe: Any) -> Tuple[ModelAdapter, List[torch.nn.Module], Any]:
     if len(adapters) > 1:
         raise ValueError(f"{type(pipe).__name__} holds transformers of several families; patch each model separately")
     return found[0][0], [m for _, m in found], owner
+
+
+def refuse_during_generation(pipe: Any, action: str) -> None:
+    """``ValueError`` when called from inside ``pipe(...)`` (its ``__call__`` is on this thread's stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
+            raise ValueError(f"cannot {action} {type(pipe).__name__} while a generation is running "
+                             "(from a callback); do it before or after the pipeline call")
+        frame = frame.f_back
 
 
 def live_handle(obj: Any) -> Optional[Handle]:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
+
+from accel.base.cli_args import integer, output_folder
 
 RESERVED = {
     "eval": "quality evaluation against the dense output",
@@ -85,15 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.set_defaults(func=_cmd_list)
 
     p_demo = sub.add_parser("demo", help="dense vs accelerated video, side by side, with a report")
-    p_demo.add_argument("--out", default="accel-demo", help="output folder (default: ./accel-demo)")
+    p_demo.add_argument("--out", default="accel-demo", type=output_folder, help="output folder (default: ./accel-demo)")
     p_demo.add_argument("--prompt", help="text prompt (default: the model's demo prompt)")
     p_demo.add_argument("--preset", help="preset to compare against dense (default: the model's default)")
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--steps", type=int, help="denoising steps (default: the model's default)")
+    p_demo.add_argument("--seed", type=integer(0), default=0)
+    p_demo.add_argument("--steps", type=integer(1, 1000), help="denoising steps (default: the model's default)")
     p_demo.add_argument("--model", help="local pipeline folder or cached hub id (default: the reference model)")
-    p_demo.add_argument("--height", type=int)
-    p_demo.add_argument("--width", type=int)
-    p_demo.add_argument("--frames", type=int, help="number of frames (video pipelines)")
+    p_demo.add_argument("--height", type=integer(1))
+    p_demo.add_argument("--width", type=integer(1))
+    p_demo.add_argument("--frames", type=integer(1), help="number of frames (video pipelines)")
     p_demo.set_defaults(func=_cmd_demo)
     p_bench = sub.add_parser("bench", help="benchmarks: `accel bench TARGET --json OUT` (TARGET --help for options)")
     p_bench.add_argument("target", choices=sorted(BENCHMARKS), help="what to benchmark")
@@ -117,11 +120,21 @@ def _not_yet(name: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. Bad flags exit through argparse (code 2, usage and the flag's message); a
+    problem with what they name (a folder that is not a pipeline, a corrupt artifact, a size the
+    model cannot make) is one ``accel CMD: error: ...`` line and code 2. ``ACCEL_DEBUG=1`` re-raises."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "calibrate":
-        return _calibrate(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    command = " ".join(argv[:2] if argv[:1] == ["bench"] else argv[:1])
+    try:
+        if argv and argv[0] == "calibrate":
+            return _calibrate(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("ACCEL_DEBUG"):
+            raise
+        print(f"accel {command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from accel.base.adapter import config_fingerprint
+from accel.base.cli_args import integer, output_path
 from accel.caching.calibration import FORMAT_VERSION, save_calibration
 from accel.caching.configs import TeaCacheConfig
 from accel.caching.indicators import relative_l1
@@ -160,17 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny:FAMILY (offline test pipelines), reference (the trained reference model), "
                              "or a local pipeline folder / cached hub id")
     parser.add_argument("--weights", help="with --model reference: a trained reference run's folder (default: shipped)")
-    parser.add_argument("--prompts", type=int, default=4, help="number of prompts to run (default 4)")
+    parser.add_argument("--prompts", type=integer(1), default=4, help="number of prompts to run (default 4)")
     parser.add_argument("--prompt-file", help="text file with one prompt per line (default: built-in prompts; "
                                               "training-set captions for --model reference)")
-    parser.add_argument("--steps", type=int, required=True, help="denoising steps (the artifact is valid for these)")
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--frames", type=int, help="number of frames (video pipelines)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--first-blocks", type=int, default=0, help="blocks kept out of the cached span at the start")
-    parser.add_argument("--last-blocks", type=int, default=0, help="blocks kept out of the cached span at the end")
+    parser.add_argument("--steps", type=integer(1, 1000), required=True,
+                        help="denoising steps (the artifact is valid for these)")
+    parser.add_argument("--out", type=output_path, required=True, help="JSON file to write")
+    parser.add_argument("--height", type=integer(1))
+    parser.add_argument("--width", type=integer(1))
+    parser.add_argument("--frames", type=integer(1), help="number of frames (video pipelines)")
+    parser.add_argument("--seed", type=integer(0), default=0)
+    parser.add_argument("--first-blocks", type=integer(0), default=0,
+                        help="blocks kept out of the cached span at the start")
+    parser.add_argument("--last-blocks", type=integer(0), default=0, help="blocks kept out of the cached span at the end")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="default: bfloat16 on GPU, float32 on CPU")
@@ -209,11 +212,11 @@ def _load_pipeline(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
         kwargs = {k: v for k, v in REFERENCE_DEFAULTS.items() if k not in ("prompt", "seed", "num_inference_steps")}
         kwargs["generator"] = torch.Generator(device=args.device or "cpu").manual_seed(args.seed)
         return pipe, kwargs
-    from diffusers import DiffusionPipeline
+    from accel.pipelines.loading import load_pipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device != "cpu" else "float32"))
-    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device)
+    pipe = load_pipeline(args.model, "--model", dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     kwargs: Dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(args.seed)}
     return pipe, kwargs

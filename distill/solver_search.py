@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from accel.base.adapter import config_fingerprint
+from accel.base.cli_args import check_output_file, integer, number
 from accel.solvers.learned import DSSArtifact, dss_velocity
 
 TINY_PROMPTS = (
@@ -259,31 +260,31 @@ def _load_model(spec: str, weights: Optional[str] = None):
         prompts = tuple(data.caption(data.spec_from_index(s)) for s in specs)
         defaults = {k: REFERENCE_DEFAULTS[k] for k in ("negative_prompt", "height", "width", "num_frames", "guidance_scale")}
         return load_reference_pipeline(weights), dict(defaults, prompts=prompts)
-    from diffusers import DiffusionPipeline
+    from accel.pipelines.loading import load_pipeline
 
-    return DiffusionPipeline.from_pretrained(spec, local_files_only=True), dict(prompts=TINY_PROMPTS)
+    return load_pipeline(spec, "--model"), dict(prompts=TINY_PROMPTS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accel calibrate", description="Fit a learned DSS solver for a flow pipeline.")
     p.add_argument("--solver", default="dss", choices=["dss"])
-    p.add_argument("--steps", type=int, nargs="+", required=True, help="step count(s) to fit, e.g. 4 6 8 10")
+    p.add_argument("--steps", type=integer(1, 1000), nargs="+", required=True, help="step count(s) to fit, e.g. 4 6 8 10")
     p.add_argument("--model", default="reference", help="tiny:wan, tiny:wan22, reference, or a local pipeline folder")
     p.add_argument("--out", required=True, help="artifact path; with several --steps it must contain {steps}")
     p.add_argument("--weights", help="with --model reference: a trained reference run's folder (default: shipped)")
     p.add_argument("--prompts", help="text file with one prompt per line (default: the model's built-in list)")
-    p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--seeds-per-prompt", type=int)
-    p.add_argument("--teacher-steps", type=int)
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--shift", type=float)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", dest="num_frames", type=int)
+    p.add_argument("--num-prompts", type=integer(1), help="use only the first N prompts")
+    p.add_argument("--seeds-per-prompt", type=integer(1))
+    p.add_argument("--teacher-steps", type=integer(1, 1000))
+    p.add_argument("--iterations", type=integer(0))
+    p.add_argument("--lr", type=number(0, low_inclusive=False))
+    p.add_argument("--batch-size", type=integer(1))
+    p.add_argument("--seed", type=integer(0))
+    p.add_argument("--guidance-scale", type=number(0))
+    p.add_argument("--shift", type=number(0, low_inclusive=False))
+    p.add_argument("--height", type=integer(1))
+    p.add_argument("--width", type=integer(1))
+    p.add_argument("--frames", dest="num_frames", type=integer(1))
     p.add_argument("--device", default="cpu", help="run the model here (cuda: a minutes-long search takes seconds)")
     return p
 
@@ -293,6 +294,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if len(args.steps) > 1 and "{steps}" not in args.out:
             raise ValueError("with several --steps, --out must contain {steps}, e.g. dss-{steps}.json")
+        for n in args.steps:  # every artifact path is writable before a search of minutes starts
+            try:
+                check_output_file(args.out.format(steps=n), "--out")
+            except (KeyError, IndexError):
+                raise ValueError(f"--out {args.out!r}: {{steps}} is the only field it may hold") from None
         if args.weights and args.model != "reference":
             raise ValueError("--weights goes with --model reference (other models are named by --model)")
         pipe, fields = _load_model(args.model, args.weights)

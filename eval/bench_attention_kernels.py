@@ -35,6 +35,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from accel.base.cli_args import integer, number, output_path
 from accel.attention.kernels import (BlockLayout, block_sparse_attention_flex, block_sparse_attention_quant_triton,
                                      block_sparse_attention_reference, block_sparse_attention_triton, fp8_supported,
                                      quant_triton_supported, quantized_attention_reference, triton_supported)
@@ -238,14 +239,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="accel bench attention", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=(*SHAPES, "all"), default="tiny")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
+    parser.add_argument("--densities", type=number(0, 1, low_inclusive=False), nargs="+", default=[1.0, 0.5, 0.25, 0.1])
+    parser.add_argument("--repeats", type=integer(1), default=10)
+    parser.add_argument("--json", dest="json_path", type=output_path, default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")

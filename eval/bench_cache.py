@@ -28,6 +28,9 @@ import re
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
+from accel.base.cli_args import integer, output_path
+from accel import caching  # noqa: F401  (fills CACHE_METHODS, the names --only accepts)
+from accel.base.registry import CACHE_METHODS
 from accel.pipelines.reference import data
 
 from .quality_bench import QualityBench, add_workload_args, environment, load_workload, patch_setup, write_result
@@ -104,6 +107,11 @@ def diffusers_magcache_ratios(bench: QualityBench) -> List[float]:
     if len(ratios) != steps:
         raise RuntimeError(f"diffusers MagCache calibration gave {len(ratios)} ratios for {steps} steps")
     return ratios
+
+
+# The peers' rows, as --only names them (the sweeps below make one row per setting of each).
+PEERS = ("FirstBlockCache", "TaylorSeerCache", "MagCache", "PyramidAttentionBroadcast", "FasterCache",
+         "DBCache", "DBCache+TaylorSeer")
 
 
 def diffusers_sweep(bench: QualityBench, only=None) -> List[tuple]:
@@ -283,12 +291,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="accel bench cache", description=__doc__.splitlines()[0])
     # 2 prompts keep the default run under 15 minutes on a 2-core CPU (4 took 27).
     add_workload_args(parser, prompts=2)
-    parser.add_argument("--png", default=None, help="write the PSNR vs speed-up Pareto plot here")
+    parser.add_argument("--png", type=output_path, default=None, help="write the PSNR vs speed-up Pareto plot here")
     parser.add_argument("--no-peers", action="store_true", help="only our methods")
-    parser.add_argument("--retime-every", type=int, default=6,
+    parser.add_argument("--retime-every", type=integer(0), default=6,
                         help="re-time the dense run after this many rows (0: never); speed-ups use the latest")
-    parser.add_argument("--calibration-prompts", type=int, default=4)
-    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+    parser.add_argument("--calibration-prompts", type=integer(1), default=4)
+    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD", choices=(*CACHE_METHODS.names(), *PEERS),
                         help="only these methods (ours by name, e.g. fbcache; peers by class, e.g. FirstBlockCache)")
     args = parser.parse_args(argv)
     try:

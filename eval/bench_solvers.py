@@ -32,6 +32,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from accel.base.cli_args import integer
 from accel.eval.quality_bench import (QualityBench, add_workload_args, environment, load_workload, patch_setup,
                                       write_result)
 
@@ -48,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accel bench solvers", description=__doc__.splitlines()[0])
     add_workload_args(p, prompts=4)
     p.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(DEFAULT_SOLVERS))
-    p.add_argument("--step-counts", type=int, nargs="+", default=list(DEFAULT_STEP_COUNTS),
+    p.add_argument("--step-counts", type=integer(1, 1000), nargs="+", default=list(DEFAULT_STEP_COUNTS),
                    help="solver steps of each row (overrides --steps)")
-    p.add_argument("--teacher-steps", type=int, default=50, help="Euler steps of the teacher")
+    p.add_argument("--teacher-steps", type=integer(1, 1000), default=50, help="Euler steps of the teacher")
     p.add_argument("--dss", default=None, help=f"folder holding {ARTIFACT_NAME} per step count")
     return p
 
@@ -147,9 +148,6 @@ def format_table(teacher: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for name, values in (("step-counts", args.step_counts), ("teacher-steps", [args.teacher_steps])):
-            if any(v < 1 for v in values):
-                raise ValueError(f"--{name}: steps must be >= 1, got {values}")
         if args.dss is not None and not os.path.isdir(args.dss):
             raise ValueError(f"--dss {args.dss!r} is not a folder")
         workload = load_workload(args)

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from accel.attention.kernels import select_backend
+from accel.base.cli_args import integer, number
 from accel.attention.patterns import SPARSE_PATTERNS
 from accel.attention.sparse import SparseAttention
 from accel.base.registry import ATTENTION_METHODS
@@ -247,9 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_workload_args(parser, prompts=4)
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS + DENSITY_FREE, default=list(PATTERNS),
                         help="patterns to measure; int8 (quantized dense, no density) needs --backend torch on CPU")
-    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES),
+    parser.add_argument("--densities", nargs="+", type=number(0, 1, low_inclusive=False), default=list(DENSITIES),
                         help="target densities (default: 0.5 0.25 0.15)")
-    parser.add_argument("--block-size", type=int, default=None,
+    parser.add_argument("--block-size", type=integer(16, 1024), default=None,
                         help="sparse block size (default: the patterns' own); the tiny model needs 16")
     parser.add_argument("--backend", choices=("auto", "triton", "flex", "torch"), default=None,
                         help="block-sparse backend (default auto: compiled FlexAttention on CPU)")

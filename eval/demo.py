@@ -17,11 +17,13 @@ import torch
 import accel
 from accel.api import adapter_for, check_preset
 
+from accel.pipelines.loading import load_pipeline as load_pipeline_folder
+
 from .metrics import psnr, ssim
 from .video_io import side_by_side, to_uint8_frames, write_video
 
 
-class DemoError(Exception):
+class DemoError(ValueError):
     """A user-facing problem (bad flag, missing model, unwritable output): printed without a traceback."""
 
 
@@ -61,16 +63,13 @@ def load_pipeline(model: Optional[str]):
 
         try:
             return load_reference_pipeline()
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:
             raise DemoError(str(exc)) from None
-    from diffusers import DiffusionPipeline
-
     try:
-        return DiffusionPipeline.from_pretrained(model, local_files_only=True)
-    except Exception as exc:  # diffusers raises several types for "not found locally"
-        raise DemoError(f"cannot load --model {model!r} from local files ({type(exc).__name__}: {exc}). "
-                        "Pass a local pipeline folder (with model_index.json) or a hub id already in the "
-                        "local cache.") from None
+        return load_pipeline_folder(model, "--model")
+    except ValueError as exc:
+        raise DemoError(f"{exc}. Pass a local pipeline folder (with model_index.json) or a hub id already "
+                        "in the local cache.") from None
 
 
 def call_kwargs(pipe, options: DemoOptions) -> Dict[str, Any]:

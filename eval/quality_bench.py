@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from accel.base.cli_args import integer, output_path
+
 from .metrics import psnr, ssim
 
 Setup = Optional[Callable[[Any], Optional[Callable[[], None]]]]  # pipe -> undo (or None)
@@ -48,11 +50,11 @@ def add_workload_args(parser: argparse.ArgumentParser, prompts: int = 4) -> None
                         help="reference: the trained reference Wan model (default); tiny: random-weight "
                              "tiny Wan pipeline, for smoke tests only")
     parser.add_argument("--weights", default=None, help="reference pipeline folder (default: the shipped weights)")
-    parser.add_argument("--prompts", type=int, default=prompts, help="held-out prompts to generate")
-    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the result here")
+    parser.add_argument("--prompts", type=integer(1), default=prompts, help="held-out prompts to generate")
+    parser.add_argument("--seed", type=integer(0), default=0, help="prompt i uses seed + i")
+    parser.add_argument("--steps", type=integer(1, 1000), default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", dest="json_path", type=output_path, default=None, help="write the result here")
 
 
 def load_workload(args: argparse.Namespace) -> Workload:

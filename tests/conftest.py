@@ -1,5 +1,12 @@
+import diffusers  # noqa: F401
 import pytest
 import torch
+import transformers
+
+# Configure the libraries' log handlers now, at collection: a handler first made inside a test that
+# captures stderr (capsys) would keep writing to that test's closed stream ("--- Logging error ---").
+transformers.utils.logging.get_logger("transformers")
+diffusers.utils.logging.get_logger("diffusers")
 
 
 @pytest.fixture(autouse=True, scope="session")

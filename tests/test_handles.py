@@ -61,3 +61,24 @@ def test_routing_state_never_outlives_its_hooks():
     with accel.patched(build_tiny_pipeline("wan", seed=2), preset="dense"):  # installs the router again
         assert torch.equal(latents(never_patched), reference)
     assert intercept.routed_entries() == ()
+
+
+@pytest.mark.parametrize("action", ["patch", "remove"])
+def test_patch_and_remove_are_refused_from_inside_a_generation(action):
+    pipe = build_tiny_pipeline("wan")
+    handle = accel.patch(pipe, cache="fixed") if action == "remove" else None
+
+    def callback(pipeline, step, timestep, tensors):
+        if step == 0:
+            handle.remove() if action == "remove" else accel.patch(pipeline, attention="dense")
+        return {}
+
+    with pytest.raises(ValueError, match=f"cannot {'remove accel from' if action == 'remove' else 'patch'} "
+                                         "WanPipeline while a generation is running"):
+        pipe(**tiny_call_kwargs("wan", steps=2), callback_on_step_end=callback)
+    if handle is not None:
+        assert not handle.removed
+        handle.remove()
+    assert "_accel_handle" not in vars(pipe)
+    with accel.patched(pipe, attention="dense"):  # after the failed call both work again
+        latents(pipe)

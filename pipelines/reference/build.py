@@ -165,12 +165,14 @@ def load_reference_pipeline(path: str | None = None, torch_dtype: torch.dtype = 
     """Load the trained reference pipeline (offline) from ``path`` or the shipped weights."""
     from diffusers import WanPipeline
 
+    from accel.pipelines.loading import load_pipeline
+
     path = path or WEIGHTS_DIR
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
             f"no trained reference pipeline at {path} (expected model_index.json); "
             "train one with: python -m accel.pipelines.reference.train --out DIR")
-    pipe = WanPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    pipe = load_pipeline(path, "reference weights", WanPipeline, dtype=torch_dtype)
     if device is not None:
         pipe = pipe.to(device)
     return pipe

@@ -1,6 +1,8 @@
 """``accel bench cache`` end to end on the tiny Wan pipeline (plumbing: its numbers mean nothing)."""
 import json
 
+import pytest
+
 
 from accel.cli import main as accel_main
 from accel.eval.bench_cache import pareto_front, targets
@@ -52,5 +54,6 @@ def test_pareto_front_and_targets():
 
 
 def test_bench_cache_rejects_bad_prompt_count(capsys):
-    assert accel_main(["bench", "cache", "--model", "tiny", "--prompts", "0"]) == 2
-    assert "prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        accel_main(["bench", "cache", "--model", "tiny", "--prompts", "0"])
+    assert exit_info.value.code == 2 and "argument --prompts: must be in [1, inf], got 0" in capsys.readouterr().err
