@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-
 from accel.cli import main as accel_main
 from accel.eval.bench_cache import pareto_front, targets
 
