@@ -1,6 +1,8 @@
 """LTX-Video (``LTXVideoTransformer3DModel``): pre-packed tokens, video-only self-attention."""
 from __future__ import annotations
 
+import torch
+
 from accel.base.adapter import INVOKES_DISPATCH, BlockIO, ModelAdapter
 from accel.base.context import TokenLayout
 from accel.base.registry import MODEL_ADAPTERS
@@ -34,14 +36,43 @@ class LTXVideoAdapter(ModelAdapter):
         return first_block.norm1(hidden) * (1 + scale_msa) + shift_msa
 
     def token_layout(self, model, args, kwargs):
-        # Tokens arrive packed (B, S, C); the pipeline passes the latent grid explicitly.
+        # Tokens arrive packed (B, S, C); LTXPipeline passes the latent grid explicitly, the
+        # condition pipeline passes each token's coordinates instead.
         frames = self.call_arg(args, kwargs, "num_frames", 4)
         height = self.call_arg(args, kwargs, "height", 5)
         width = self.call_arg(args, kwargs, "width", 6)
-        if frames is None or height is None or width is None:
-            return TokenLayout()
-        p, p_t = model.config.patch_size, model.config.patch_size_t
-        return TokenLayout(grid=(int(frames) // p_t, int(height) // p, int(width) // p))
+        if frames is not None and height is not None and width is not None:
+            p, p_t = model.config.patch_size, model.config.patch_size_t
+            return TokenLayout(grid=(int(frames) // p_t, int(height) // p, int(width) // p))
+        coords = self.call_arg(args, kwargs, "video_coords", 8)
+        return layout_from_coords(coords[0]) if coords is not None else TokenLayout()
+
+
+def layout_from_coords(coords: torch.Tensor) -> TokenLayout:
+    """The video grid of LTXConditionPipeline's tokens, from one item's (3, S) (time, y, x) coordinates.
+
+    The pipeline packs the video's latents last, frame by frame (f-major), with times starting at 0
+    and increasing; conditioning latents placed at later frames come first as whole extra frames
+    of the same size. So the frame size is the run of tokens sharing the last token's time, and the
+    video is the longest run of frames before the end whose times increase, back to the frame at
+    time 0; the tokens before it stay dense (as a "prefix", like joint text). Anything that does not
+    fit that shape gets no grid (grid patterns then fall back to dense attention, with a warning).
+    """
+    times, rows, cols = (c.tolist() for c in coords)
+    per_frame = 0
+    while per_frame < len(times) and times[-1 - per_frame] == times[-1]:
+        per_frame += 1
+    if not per_frame or len(times) % per_frame:
+        return TokenLayout()
+    frame_times = times[::per_frame]
+    start = len(frame_times) - 1
+    while start > 0 and frame_times[start] > 0 and frame_times[start - 1] < frame_times[start]:
+        start -= 1
+    height, width = len(set(rows[-per_frame:])), len(set(cols[-per_frame:]))
+    if height * width != per_frame:
+        return TokenLayout()
+    return TokenLayout(grid=(len(frame_times) - start, height, width), text_tokens=start * per_frame,
+                       text_position="prefix" if start else None)
 
 
 MODEL_ADAPTERS.register(LTXVideoAdapter.transformer_class, LTXVideoAdapter())

@@ -69,6 +69,9 @@ class ModelAdapter:
     self_attention_paths: Tuple[str, ...] = ()  # attribute names of self/joint attention in a block
     cross_attention_paths: Tuple[str, ...] = ()  # text cross-attention (never replaced by sparse methods)
     block_stack_names: Tuple[str, ...] = ("blocks",)
+    # Stacks outside the main block sequence whose self-attention methods still replace; caches
+    # never skip them (Wan VACE's control blocks, which run before the main blocks).
+    side_stack_names: Tuple[str, ...] = ()
     block_io: Mapping[str, BlockIO] = {}  # per stack name; stacks not listed carry one "hidden_states" stream
     joint_text: Optional[str] = None  # "prefix"/"suffix" when text shares the self-attention sequence
     teacache_coefficients: Optional[Tuple[float, ...]] = None  # highest power first
@@ -84,7 +87,9 @@ class ModelAdapter:
 
     def attention_sites(self, model: torch.nn.Module) -> List[AttentionSite]:
         sites: List[AttentionSite] = []
-        for stack in self.block_stacks(model):
+        side = [BlockStack(name, list(_get_path(model, name)))
+                for name in self.side_stack_names if _get_path(model, name, None) is not None]
+        for stack in [*self.block_stacks(model), *side]:
             for block_index, block in enumerate(stack.blocks):
                 for attr in self.self_attention_paths:
                     attn = _get_path(block, attr, None)

@@ -66,8 +66,9 @@ class TokenLayout:
     """How the tokens of one transformer call are laid out.
 
     ``grid`` is the video (or image, T=1) token grid in frame-major order; ``text_tokens`` counts
-    text tokens that share the attention sequence (joint attention) and ``text_position`` says
-    whether they come before ("prefix") or after ("suffix") the visual tokens.
+    text tokens that share the attention sequence (joint attention; also other tokens that sparse
+    patterns must keep dense, like LTX's conditioning latents) and ``text_position`` says whether
+    they come before ("prefix") or after ("suffix") the visual tokens.
     """
 
     grid: Optional[Grid] = None

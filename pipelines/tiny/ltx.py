@@ -7,12 +7,16 @@ the batch axis) and keeps latents packed as a token sequence
 Geometry: VAE with LTX's real compression (patch 4 x three 2x down-scalings =
 32x spatial, 8x temporal) and 128 latent channels; transformer patch 1.
 96x96 px, 17 frames -> latents (128, 3, 3, 3) -> token grid T=3, H=3, W=3.
+``build_condition`` puts the same components in ``LTXConditionPipeline``.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXConditionPipeline, LTXPipeline,
+                       LTXVideoTransformer3DModel)
+from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+from PIL import Image
 
 from ._common import NEGATIVE_PROMPT, PROMPT, TEXT_DIM, finalize, make_generator, seeded, t5_encoder, t5_tokenizer
 from ._common import TinySpec
@@ -101,3 +105,20 @@ def call_kwargs(seed: int = 0, steps: int = 3) -> dict:
         output_type="pt",
         max_sequence_length=MAX_SEQUENCE_LENGTH,
     )
+
+
+def build_condition(seed: int = 0, dtype: torch.dtype = torch.float32) -> LTXConditionPipeline:
+    """The same components in ``LTXConditionPipeline`` (LTX 0.9.5+), whose scheduler shifts statically."""
+    components = dict(build(seed=seed, dtype=dtype).components)
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(
+        components["scheduler"].config, use_dynamic_shifting=False)
+    return finalize(LTXConditionPipeline(**components), dtype)
+
+
+def condition_call_kwargs(seed: int = 0, steps: int = 3, frame_index: int = 8) -> dict:
+    """``call_kwargs`` plus one conditioning image at ``frame_index`` (> 0: its latents become extra
+    tokens before the video's, so the sequence is not the video grid alone)."""
+    kwargs = call_kwargs(seed=seed, steps=steps)
+    image = Image.new("RGB", (WIDTH, HEIGHT), (200, 40, 40))
+    kwargs["conditions"] = [LTXVideoCondition(image=image, frame_index=frame_index)]
+    return kwargs

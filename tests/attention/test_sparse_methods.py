@@ -29,11 +29,11 @@ def call_kwargs(family):
     return {**tiny_call_kwargs(family, steps=STEPS), "output_type": "latent"}
 
 
-def run_recording_warnings(pipe, family, run_pipeline, attention):
+def run_recording_warnings(pipe, family, run_pipeline, attention, kwargs=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = accel.patch(pipe, attention=attention)
-        out = run_pipeline(pipe, call_kwargs(family))
+        out = run_pipeline(pipe, kwargs or call_kwargs(family))
         counters = handle.summary()["methods"]["attention"]["counters"]
         handle.remove()
     return out, counters, [str(w.message) for w in caught if "accel" in str(w.message)]
@@ -202,3 +202,36 @@ def test_auto_backend_matches_the_torch_reference():
     auto = topk(sparse_config("topk", 0.3, backend="auto")).run(q, k, v, ctx)
     reference = topk(sparse_config("topk", 0.3)).run(q, k, v, ctx)
     torch.testing.assert_close(auto, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_grid_patterns_run_sparse_on_ltx_condition_calls(run_pipeline):
+    """LTXConditionPipeline passes token coordinates, not the grid, and puts a later conditioning
+    frame's tokens before the video's: before, every grid pattern fell back ("needs a token grid")."""
+    from accel.pipelines.tiny import ltx
+
+    pipe = ltx.build_condition()
+    kwargs = {**ltx.condition_call_kwargs(steps=STEPS), "output_type": "latent"}
+    reference = run_pipeline(pipe, kwargs)
+    for name in ("spatiotemporal", "tile_window", "radial"):
+        out, counters, messages = run_recording_warnings(pipe, "ltx", run_pipeline, sparse_config(name, 0.3),
+                                                         kwargs={**kwargs, "generator": torch.Generator().manual_seed(0)})
+        assert messages == [] and counters["fallback_calls"] == 0, (name, messages)
+        assert counters["sparse_calls"] == counters["calls"] > 0, name
+        assert torch.isfinite(out).all()
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(run_pipeline(pipe, kwargs), reference)
+
+
+def test_ltx_condition_layout_from_token_coordinates():
+    from accel.pipelines.ltx import layout_from_coords
+
+    def coords(frame_times, height, width):
+        t = torch.tensor(frame_times).repeat_interleave(height * width)
+        y = torch.arange(height).repeat_interleave(width).repeat(len(frame_times)) * 32.0
+        x = torch.arange(width).repeat(height * len(frame_times)) * 32.0
+        return torch.stack([t, y, x])
+
+    assert layout_from_coords(coords([0.0, 0.04, 0.36], 3, 4)) == TokenLayout(grid=(3, 3, 4))
+    prefixed = layout_from_coords(coords([0.32, 0.5, 0.0, 0.04, 0.36], 2, 2))
+    assert prefixed == TokenLayout(grid=(3, 2, 2), text_tokens=8, text_position="prefix")
+    assert layout_from_coords(coords([0.0, 0.04, 0.36], 3, 4)[:, :-1]) == TokenLayout()  # ragged: no grid
