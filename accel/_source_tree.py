@@ -46,8 +46,10 @@ def source_folders(package_dir: Path) -> Dict[str, Path]:
 
 
 def install(package_dir: Path) -> None:
+    """First in ``sys.meta_path``: the subpackages come from the tree ``accel`` itself came from,
+    even when an editable install of another checkout maps the same names elsewhere."""
     if any(isinstance(finder, SourceTreeFinder) for finder in sys.meta_path):
         return
     folders = source_folders(package_dir)
     if folders:
-        sys.meta_path.append(SourceTreeFinder(folders))
+        sys.meta_path.insert(0, SourceTreeFinder(folders))
