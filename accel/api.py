@@ -34,6 +34,7 @@ class Summary(dict):
             lines.append(f"  {kind:<9} {info['name']}({params})" + (f"  [{counters}]" if counters else ""))
         lines.append(f"  steps run {self['steps_run']} in {self['generations']} generation(s); "
                      f"transformer calls by branch {self['calls_by_branch']}")
+        lines += [f"  warning: {warning}" for warning in self["warnings"]]
         return "\n".join(lines)
 
 
@@ -75,6 +76,7 @@ class Handle:
             steps_run=step.steps_run,
             generations=step.generations,
             calls_by_branch=dict(step.calls_by_branch),
+            warnings=[w for w in (m.idle_warning() for m in self.methods.values() if m is not None) if w],
         )
 
     def __enter__(self) -> "Handle":

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import List, Optional
 
+from accel import __version__
 from accel.base.cli_args import integer, output_folder
 
 RESERVED = {
@@ -65,6 +66,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(importlib.import_module(BENCHMARKS[args.target]).main(args.rest) or 0)
 
 
+CALIBRATE_USAGE = """usage: accel calibrate --cache teacache|magcache --model MODEL --steps N --out FILE [options]
+       accel calibrate --solver dss --model MODEL --steps N [N ...] --out FILE [options]
+
+Fit what a method loads for one model: a TeaCache polynomial or MagCache ratios (--cache), or a
+learned DSS solver (--solver). `accel calibrate --cache teacache --help` lists the options of one."""
+
+
 def _calibrate(rest: List[str]) -> int:
     """``--solver dss ...`` goes to the solver search, ``--cache teacache|magcache ...`` to the cache fit."""
     if any(a == "--solver" or a.startswith("--solver=") for a in rest):
@@ -75,6 +83,9 @@ def _calibrate(rest: List[str]) -> int:
         from accel.distill.cache_calibration import main as calibrate_cache
 
         return int(calibrate_cache(rest) or 0)
+    if any(a in ("-h", "--help") for a in rest):
+        print(CALIBRATE_USAGE)
+        return 0
     print("accel calibrate: error: say what to calibrate: --cache teacache|magcache ... or --solver dss ...",
           file=sys.stderr)
     return 2
@@ -82,6 +93,7 @@ def _calibrate(rest: List[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Drop-in acceleration for diffusers pipelines.")
+    parser.add_argument("--version", action="version", version=f"accel {__version__} (distribution accel-diffusers)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="supported model families, methods and presets")
     p_list.add_argument("--json", action="store_true", help="print machine-readable JSON")

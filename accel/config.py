@@ -9,6 +9,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Type
 from accel import attention  # noqa: F401  (fills the method registries)
 from accel import caching  # noqa: F401
 from accel import solvers  # noqa: F401
+from accel.base.artifacts import artifact_kind
 from accel.base.registry import METHOD_REGISTRIES, method_registry
 
 OFF = (None, "off", "none")
@@ -60,6 +61,8 @@ def resolve_method(kind: str, spec: Any) -> Optional[Part]:
         return None
     if isinstance(spec, str) and "+" in spec:
         return _resolve_suffixed(kind, spec)
+    if isinstance(spec, str) and spec.endswith(".json"):
+        return _resolve_artifact(kind, spec)
     if isinstance(spec, str):
         cls = registry.get(spec)
         return Part(cls, cls.Config())
@@ -79,6 +82,18 @@ def resolve_method(kind: str, spec: Any) -> Optional[Part]:
     valid = ", ".join(registry.names()) or "(none yet)"
     raise ValueError(f"{kind} must be a method name ({valid}), one of their config objects, or None/'off'; "
                      f"got {spec!r}")
+
+
+def _resolve_artifact(kind: str, path: str) -> Part:
+    """A fitted artifact's path where a method name goes: the method it was fitted for, loading it
+    (``cache="teacache-25.json"``, ``solver="dss-8.json"``)."""
+    name = artifact_kind(path)
+    registry = method_registry(kind)
+    if name not in registry or not getattr(registry.get(name), "artifact_field", None):
+        takers = ", ".join(n for n, c in registry.items() if getattr(c, "artifact_field", None)) or "none"
+        raise ValueError(f"{kind} {path!r} is a {name} artifact; a {kind} path must be an artifact of {takers}")
+    cls = registry.get(name)
+    return Part(cls, cls.Config(**{cls.artifact_field: path}))
 
 
 QUANTIZE_SUFFIXES = ("int8",)

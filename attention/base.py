@@ -24,6 +24,7 @@ class AttentionMethod(Method):
         super().__init__(config)
         self.calls = 0
         self.fallback_calls = 0
+        self.fallback_reasons: Dict[str, int] = {}
 
     def attach(self, session: PatchSession) -> None:
         for model in session.models:
@@ -50,6 +51,7 @@ class AttentionMethod(Method):
         reason = self.unsupported(q, k, v, ctx, attn_mask)
         if reason is not None:
             self.fallback_calls += 1
+            self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
             self.warn_once(f"falling back to dense attention: {reason}")
             return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return self.attend(q, k, v, ctx, attn_mask=attn_mask, scale=scale)
@@ -62,3 +64,10 @@ class AttentionMethod(Method):
 
     def counters(self) -> Dict[str, Any]:
         return {"calls": self.calls, "fallback_calls": self.fallback_calls}
+
+    def idle_warning(self) -> Optional[str]:
+        if self.calls and self.fallback_calls == self.calls:
+            reasons = "; ".join(sorted(self.fallback_reasons))
+            return (f"attention {self.name!r} fell back to exact dense attention on all {self.calls} calls, so it "
+                    f"changed nothing ({reasons})")
+        return None

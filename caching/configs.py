@@ -120,9 +120,10 @@ class TeaCacheConfig(CacheConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class FBCacheConfig(CacheConfig):
-    """First-block cache: ``first_blocks`` >= 1 blocks always run; their residual is the probe."""
+    """First-block cache: ``first_blocks`` >= 1 blocks always run; their residual is the probe.
+    The default threshold is the ``quality`` preset's."""
 
-    threshold: float = 0.08
+    threshold: float = 0.1
     first_blocks: int = 1
 
     def _check(self) -> None:
@@ -157,9 +158,11 @@ class EasyCacheConfig(CacheConfig):
 @dataclass(frozen=True, kw_only=True)
 class FixedCacheConfig(CacheConfig):
     """Compute every ``interval``-th step, or exactly the steps in ``compute_steps`` (the step
-    mask form); warm-up and final steps are computed either way."""
+    mask form); warm-up and final steps are computed either way. The defaults are the ``balanced``
+    preset's: every 2nd step, the others forecast to first order."""
 
     interval: int = 2
+    forecast: str = "taylor"
     compute_steps: Optional[Tuple[int, ...]] = None
 
     def _check(self) -> None:

@@ -126,12 +126,14 @@ class CacheEngine:
     """Runs the reuse rule, the gates, forecasting and CFG reuse for every patched model."""
 
     def __init__(self, config: CacheConfig, rule: Rule, warn: Callable[[str], None],
-                 check_steps: Optional[Callable[[Optional[int]], None]] = None):
+                 rule_for_loop: Optional[Callable[[Optional[int]], Optional[Rule]]] = None):
         self.config = config
         self.rule = rule
         self.forecaster = make_forecaster(config.forecast, config.order)
         self.warn = warn
-        self.check_steps = check_steps
+        # Called when a denoising loop starts, with its step count: may raise (a calibration for
+        # another step count) or return the rule for this loop (one fitted for that step count).
+        self.rule_for_loop = rule_for_loop
         self.counters = Counters()
         self.plans: List[ModelPlan] = []
         self.observers: List[Callable[[SpanRecord], None]] = []
@@ -196,8 +198,8 @@ class CacheEngine:
     def _begin_call(self, plan: ModelPlan, block, binding: StreamBinding, args: tuple, kwargs: dict) -> CallState:
         step = self.session.step
         if plan.generation != step.generations:  # a new denoising loop: nothing carries over
-            if self.check_steps is not None:
-                self.check_steps(step.num_steps)  # before adopting the loop, so every call refuses
+            if self.rule_for_loop is not None:  # before adopting the loop, so every call of it refuses
+                self.rule = self.rule_for_loop(step.num_steps) or self.rule
             plan.generation = step.generations
             plan.branches.clear()
         branch = step.branch

@@ -3,12 +3,20 @@
 ``accel.patch(pipe, cache="teacache")`` or ``cache=TeaCacheConfig(threshold=0.1, forecast="taylor")``
 builds one of these; ``attach`` makes the rule for the patched model (coefficients, calibration)
 and hands it to the ``CacheEngine``.
+
+Calibrated rules (``teacache``, ``magcache``) given no calibration look for one shipped for the
+patched model (the adapter's ``artifact_dirs``; each artifact records the model class and config
+fingerprint it was fitted on) and pick, when a loop starts, the one fitted for its step count.
+Without one for the loop's step count, TeaCache uses the family's published coefficients (with a
+warning when calibrations for other step counts are shipped) and MagCache raises a ``ValueError``
+that says what to pass. ``Handle.summary()`` warns when a cache reused nothing.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from accel.base.adapter import config_fingerprint
+from accel.base.artifacts import shipped_files
 from accel.base.method import Method, PatchSession
 from accel.base.registry import CACHE_METHODS
 
@@ -33,40 +41,90 @@ class ResidualCache(Method):
     kind = "cache"
     Config = CacheConfig
 
+    calibrated = False  # whether the rule reads a calibration artifact of kind ``name``
+
     def __init__(self, config: Any):
         super().__init__(config)
         self.engine: Optional[CacheEngine] = None
         source = getattr(config, "calibration", None)
         self.calibration: Optional[CacheCalibration] = (
             None if source is None else load_calibration(source, self.name))
+        self.shipped: Dict[int, CacheCalibration] = {}  # step count -> a calibration shipped for this model
 
-    def make_rule(self, session: PatchSession) -> Rule:
+    def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
         raise NotImplementedError
 
     def attach(self, session: PatchSession) -> None:
-        calibration = self.calibration
-        if calibration is not None:
-            fingerprint = config_fingerprint(session.models)
+        fingerprint = config_fingerprint(session.models)
+        if self.calibration is not None:
             for model in session.models:
-                calibration.check_model(type(model).__name__, fingerprint)
-        rule = self.make_rule(session)
-        self.engine = CacheEngine(self.config, rule, warn=self.warn_once,
-                                  check_steps=calibration.check_steps if calibration is not None else None)
+                self.calibration.check_model(type(model).__name__, fingerprint)
+        elif self.calibrated and self.wants_calibration():
+            self.shipped = {c.num_steps: c for c in self.shipped_calibrations(session, fingerprint)}
+        self.session = session
+        self.engine = CacheEngine(self.config, self.make_rule(session, self.calibration), warn=self.warn_once,
+                                  rule_for_loop=self.rule_for_loop)
         self.engine.attach(session)
+
+    def wants_calibration(self) -> bool:
+        return True
+
+    def shipped_calibrations(self, session: PatchSession, fingerprint: str) -> List[CacheCalibration]:
+        found = []
+        for path in shipped_files(session.adapter.artifact_dirs, self.name):
+            calibration = load_calibration(path, self.name)
+            if all(type(m).__name__ == calibration.model_class for m in session.models) \
+                    and calibration.meta.get("model_fingerprint") == fingerprint:
+                found.append(calibration)
+        return found
+
+    def rule_for_loop(self, num_steps: Optional[int]) -> Optional[Rule]:
+        """The rule for a loop of ``num_steps``: the shipped calibration for it, if any."""
+        if self.calibration is not None:
+            self.calibration.check_steps(num_steps)
+            return None
+        if not self.shipped or num_steps is None:  # a bare transformer: no step count to match
+            return None
+        calibration = self.shipped.get(num_steps)
+        if calibration is None:
+            return self.no_shipped_calibration(num_steps)
+        return self.make_rule(self.session, calibration)
+
+    def no_shipped_calibration(self, num_steps: Optional[int]) -> Optional[Rule]:
+        return self.make_rule(self.session, None)
 
     def counters(self) -> Dict[str, Any]:
         return self.engine.counter_dict() if self.engine is not None else {}
+
+    def idle_warning(self) -> Optional[str]:
+        counters = self.counters()
+        calls = sum(counters.get("calls", {}).values())
+        if calls and not sum(counters["steps_reused"].values()):
+            return (f"cache {self.name!r} reused no step in {calls} transformer calls, so it saved nothing: its "
+                    "threshold or calibration does not fit this model or step count (a looser threshold, a "
+                    "calibration from `accel calibrate`, or the 'quality' preset)")
+        return None
 
 
 @CACHE_METHODS.register("teacache")
 class TeaCache(ResidualCache):
     name = "teacache"
     Config = TeaCacheConfig
+    calibrated = True
+    artifact_field = "calibration"  # a path to a teacache calibration resolves to this method with it
 
-    def make_rule(self, session: PatchSession) -> Rule:
+    def wants_calibration(self) -> bool:
+        return self.config.coefficients is None
+
+    def no_shipped_calibration(self, num_steps: Optional[int]) -> Optional[Rule]:
+        self.warn_once(f"no TeaCache calibration shipped for this model at {num_steps} steps (shipped: "
+                       f"{sorted(self.shipped)}); using the {self.session.adapter.family} published coefficients")
+        return self.make_rule(self.session, None)
+
+    def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
         coefficients = self.config.coefficients
-        if coefficients is None and self.calibration is not None:
-            coefficients = self.calibration.coefficients
+        if coefficients is None and calibration is not None:
+            coefficients = calibration.coefficients
         if coefficients is None:
             coefficients = session.adapter.teacache_coefficients
         if coefficients is None:
@@ -81,7 +139,7 @@ class FBCache(ResidualCache):
     name = "fbcache"
     Config = FBCacheConfig
 
-    def make_rule(self, session: PatchSession) -> Rule:
+    def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
         return FirstBlockRule(self.config.threshold)
 
 
@@ -89,12 +147,20 @@ class FBCache(ResidualCache):
 class MagCache(ResidualCache):
     name = "magcache"
     Config = MagCacheConfig
+    calibrated = True
+    artifact_field = "calibration"
 
-    def make_rule(self, session: PatchSession) -> Rule:
-        if self.calibration is None:
+    def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
+        calibration = calibration or self.calibration or (next(iter(self.shipped.values())) if self.shipped else None)
+        if calibration is None:
             raise ValueError("magcache needs a calibration: run `accel calibrate --cache magcache --model ... "
                              "--steps N --out FILE` and pass MagCacheConfig(calibration=FILE)")
-        return MagCacheRule(self.config.threshold, self.calibration.ratios)
+        return MagCacheRule(self.config.threshold, calibration.ratios)
+
+    def no_shipped_calibration(self, num_steps: Optional[int]) -> Optional[Rule]:
+        raise ValueError(f"magcache: the calibrations shipped for this model are for {sorted(self.shipped)} steps, "
+                         f"this run has {num_steps}; run `accel calibrate --cache magcache --steps {num_steps} ...` "
+                         "and pass MagCacheConfig(calibration=FILE), or run a shipped step count")
 
 
 @CACHE_METHODS.register("easycache")
@@ -102,7 +168,7 @@ class EasyCache(ResidualCache):
     name = "easycache"
     Config = EasyCacheConfig
 
-    def make_rule(self, session: PatchSession) -> Rule:
+    def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
         return EasyCacheRule(self.config.threshold)
 
 
@@ -111,5 +177,5 @@ class FixedCache(ResidualCache):
     name = "fixed"
     Config = FixedCacheConfig
 
-    def make_rule(self, session: PatchSession) -> Rule:
+    def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
         return FixedRule(self.config.interval, self.config.compute_steps)

@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="reference", help="tiny:wan, tiny:wan22, reference, or a local pipeline folder")
     p.add_argument("--out", required=True, help="artifact path; with several --steps it must contain {steps}")
     p.add_argument("--weights", help="with --model reference: a trained reference run's folder (default: shipped)")
-    p.add_argument("--prompts", help="text file with one prompt per line (default: the model's built-in list)")
-    p.add_argument("--num-prompts", type=integer(1), help="use only the first N prompts")
+    # The same names as `accel calibrate --cache` and the benches: --prompts counts, --prompt-file lists.
+    p.add_argument("--prompt-file", help="text file with one prompt per line (default: the model's built-in list)")
+    p.add_argument("--prompts", type=integer(1), help="use only the first N prompts")
     p.add_argument("--seeds-per-prompt", type=integer(1))
     p.add_argument("--teacher-steps", type=integer(1, 1000))
     p.add_argument("--iterations", type=integer(0))
@@ -303,11 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("--weights goes with --model reference (other models are named by --model)")
         pipe, fields = _load_model(args.model, args.weights)
         pipe.to(args.device)
-        if args.prompts:
-            with open(args.prompts) as f:
+        if args.prompt_file:
+            with open(args.prompt_file) as f:
                 fields["prompts"] = tuple(line.strip() for line in f if line.strip())
-        if args.num_prompts:
-            fields["prompts"] = tuple(fields["prompts"])[:args.num_prompts]
+        if args.prompts:
+            fields["prompts"] = tuple(fields["prompts"])[:args.prompts]
         names = {f.name for f in dataclasses.fields(SearchOptions)}
         fields.update({k: v for k, v in vars(args).items() if k in names and k != "prompts" and v is not None})
         options = SearchOptions(**fields)

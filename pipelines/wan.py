@@ -1,6 +1,8 @@
 """Wan 2.1 / 2.2 (``WanTransformer3DModel``): video-only self-attention, text by cross-attention."""
 from __future__ import annotations
 
+import os
+
 from accel.base.adapter import INVOKES_DISPATCH, BlockIO, ModelAdapter
 from accel.base.context import TokenLayout
 from accel.base.registry import MODEL_ADAPTERS
@@ -28,6 +30,8 @@ class WanAdapter(ModelAdapter):
     teacache_input_module = "condition_embedder"
     presets = family_presets()
     default_preset = "quality"
+    # The reference model's calibrations and DSS solvers (it is a WanTransformer3DModel).
+    artifact_dirs = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "calibration"),)
 
     def teacache_input(self, first_block, block_args, captured=None):
         return captured[0] if captured is not None else None  # (temb, timestep_proj, text, image)

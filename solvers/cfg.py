@@ -32,7 +32,6 @@ import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from accel.base.config import check_range
 from accel.base.context import BRANCH_BATCHED, BRANCH_COND, BRANCH_UNCOND, StepContext
@@ -117,7 +116,11 @@ class CFGSkipper:
             if self.is_zero_step():
                 self.zero_step_calls_skipped += 1
                 zero = hidden.new_zeros((hidden.shape[0],) + (1,) * (hidden.ndim - 1))
-                return (zero,) if kwargs.get("return_dict", True) is False else Transformer2DModelOutput(sample=zero)
+                if kwargs.get("return_dict", True) is False:
+                    return (zero,)
+                from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+                return Transformer2DModelOutput(sample=zero)
             if self.guidance_on():
                 return forward(*args, **kwargs)
             branch = self.step.branch

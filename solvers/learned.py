@@ -21,10 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from accel.base.adapter import config_fingerprint
-from accel.base.artifacts import as_float_list, as_int, read_json_object, required
+from accel.base.artifacts import as_float_list, as_int, read_json_object, required, shipped_files
 from accel.base.config import check_range
 from accel.base.method import PatchSession
 from accel.base.registry import SOLVER_METHODS
@@ -129,10 +128,14 @@ class DSSScheduler:
     init_noise_sigma = 1.0
 
     def __init__(self, artifact: DSSArtifact, num_train_timesteps: int = 1000):
-        self.artifact = artifact
         self.num_train_timesteps = num_train_timesteps
+        self.use(artifact)
+
+    def use(self, artifact: DSSArtifact) -> None:
+        """Run ``artifact`` from the next loop on (the method picks one per step count)."""
+        self.artifact = artifact
         self.sigmas = torch.tensor(artifact.sigmas, dtype=torch.float32)
-        self.timesteps = self.sigmas[:-1] * num_train_timesteps
+        self.timesteps = self.sigmas[:-1] * self.num_train_timesteps
         self.num_inference_steps = artifact.steps
         self._history: List[torch.Tensor] = []
         self._step_index: Optional[int] = None
@@ -173,15 +176,21 @@ class DSSScheduler:
         self._step_index += 1
         if self._step_index == self.artifact.steps:
             self._history = []  # the loop is over; do not hold the velocities
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        if not return_dict:
+            return (prev,)
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        return SchedulerOutput(prev_sample=prev)
 
 
 @dataclass(frozen=True)
 class DSSConfig(CFGOptions):
     """``artifact``: path of a JSON written by ``accel calibrate --solver dss`` (or a loaded
-    ``DSSArtifact``). ``steps``: optional, must equal the artifact's step count (a guard in
-    presets). ``check_model``: refuse an artifact whose model fingerprint differs from the patched
-    model's (same class, other architecture). A value: the method loads the artifact when built."""
+    ``DSSArtifact``); None: the artifacts shipped for the patched model (the reference model has
+    them for 4, 6, 8 and 10 steps), the one for ``steps`` or else the pipeline's step count.
+    ``steps``: with an artifact, must equal its step count (a guard in presets).
+    ``check_model``: refuse an artifact whose model fingerprint differs from the patched model's
+    (same class, other architecture). A value: the method loads the artifact when built."""
 
     artifact: Any = None
     steps: Optional[int] = None
@@ -190,7 +199,7 @@ class DSSConfig(CFGOptions):
     cfg_zero_steps: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.artifact, (str, os.PathLike, DSSArtifact)):
+        if self.artifact is not None and not isinstance(self.artifact, (str, os.PathLike, DSSArtifact)):
             raise ValueError(f"DSSConfig.artifact must be the path of a DSS artifact JSON "
                              f"(accel calibrate --solver dss ...), got {self.artifact!r}")
         if self.steps is not None:
@@ -202,20 +211,33 @@ class DSSConfig(CFGOptions):
 
 @SOLVER_METHODS.register("dss")
 class DSSSolver(SchedulerSwap):
-    """Runs a fitted DSS artifact; the step count is the artifact's (the pipeline's is ignored)."""
+    """Runs a fitted DSS artifact. A given artifact sets the step count (the pipeline's is
+    ignored); without one, the artifact shipped for the model and the step count is picked."""
 
     name = "dss"
     Config = DSSConfig
+    artifact_field = "artifact"  # a path to a DSS artifact resolves to this method with it
 
     def __init__(self, config: DSSConfig):
         super().__init__(config)
         source = config.artifact
-        self.artifact = source if isinstance(source, DSSArtifact) else DSSArtifact.load(os.fspath(source))
-        if config.steps is not None and config.steps != self.artifact.steps:
-            raise ValueError(f"DSSConfig.steps is {config.steps} but artifact {config.artifact!r} was fitted for "
-                             f"{self.artifact.steps} steps; fit one for {config.steps} steps")
+        self.artifact: Optional[DSSArtifact] = None
+        self.shipped: Dict[int, DSSArtifact] = {}  # step count -> artifact, when none was given
+        if source is not None:
+            self.artifact = source if isinstance(source, DSSArtifact) else DSSArtifact.load(os.fspath(source))
+            if config.steps is not None and config.steps != self.artifact.steps:
+                raise ValueError(f"DSSConfig.steps is {config.steps} but artifact {config.artifact!r} was fitted "
+                                 f"for {self.artifact.steps} steps; fit one for {config.steps} steps")
 
     def check_model(self, session: PatchSession) -> None:
+        if self.artifact is None:
+            self.shipped = self.shipped_artifacts(session)
+            if not self.shipped:
+                raise ValueError(
+                    f"solver 'dss' needs an artifact fitted for this {type(session.models[0]).__name__}, and none is "
+                    "shipped for it: fit one with `accel calibrate --solver dss --steps N --out FILE` and pass "
+                    "solver={'name': 'dss', 'artifact': FILE} (or the file's path as the solver)")
+            return
         artifact = self.artifact
         model_class = type(session.models[0]).__name__
         if model_class != artifact.model_class:
@@ -227,14 +249,34 @@ class DSSSolver(SchedulerSwap):
                              f"(config fingerprint {artifact.model_fingerprint}, this model {fingerprint}); "
                              "fit one for this model, or pass check_model=False to use it anyway")
 
+    @staticmethod
+    def shipped_artifacts(session: PatchSession) -> Dict[int, DSSArtifact]:
+        fingerprint = config_fingerprint(session.models)
+        found = {}
+        for path in shipped_files(session.adapter.artifact_dirs, "dss"):
+            artifact = DSSArtifact.load(path)
+            if artifact.model_class == type(session.models[0]).__name__ and artifact.model_fingerprint == fingerprint:
+                found[artifact.steps] = artifact
+        return found
+
     def make_planner(self, original: Any) -> Any:
         return None
 
     def plan(self, num_inference_steps: Optional[int], **kwargs: Any) -> np.ndarray:
+        if self.shipped:  # no artifact given: the shipped one for this loop's step count
+            steps = self.config.steps or num_inference_steps
+            if steps not in self.shipped:
+                raise ValueError(f"solver 'dss': the artifacts shipped for this model are for {sorted(self.shipped)} "
+                                 f"steps, not {steps}; pass steps= one of them, or fit one with "
+                                 f"`accel calibrate --solver dss --steps {steps} --out FILE`")
+            self.artifact = self.shipped[steps]
         return np.asarray(self.artifact.sigmas, dtype=np.float64)
 
     def make_solver(self, original: Any) -> Any:
-        return DSSScheduler(self.artifact, int(original.config.get("num_train_timesteps", 1000)))
+        first = self.artifact or self.shipped[min(self.shipped)]
+        return DSSScheduler(first, int(original.config.get("num_train_timesteps", 1000)))
 
     def load_schedule(self, solver: Any, sigmas: np.ndarray, device: Any) -> None:
+        if solver.artifact is not self.artifact:
+            solver.use(self.artifact)
         solver.set_timesteps(device=device)

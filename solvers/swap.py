@@ -20,12 +20,6 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
 from accel.base.config import check_range
 from accel.base.method import Method, PatchSession
@@ -199,6 +193,8 @@ class EulerSwap(SchedulerSwap):
     Config = EulerConfig
 
     def make_solver(self, original: Any) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=_train_timesteps(original))  # shift 1
 
 
@@ -215,6 +211,8 @@ class HeunSwap(SchedulerSwap):
     Config = HeunConfig
 
     def make_solver(self, original: Any) -> Any:
+        from diffusers import FlowMatchHeunDiscreteScheduler
+
         return FlowMatchHeunDiscreteScheduler(num_train_timesteps=_train_timesteps(original), shift=1.0)
 
     def load_schedule(self, solver: Any, sigmas: np.ndarray, device: Any) -> None:
@@ -244,6 +242,8 @@ class UniPCSwap(SchedulerSwap):
     Config = UniPCConfig
 
     def make_solver(self, original: Any) -> Any:
+        from diffusers import UniPCMultistepScheduler
+
         settings = _neutral_flow(UniPCMultistepScheduler, solver_order=self.config.order)
         if isinstance(original, UniPCMultistepScheduler):  # keep the pipeline's own UniPC settings
             return UniPCMultistepScheduler.from_config(original.config, **settings)
@@ -263,6 +263,8 @@ class DPMppSwap(SchedulerSwap):
     Config = DPMppConfig
 
     def make_solver(self, original: Any) -> Any:
+        from diffusers import DPMSolverMultistepScheduler
+
         return DPMSolverMultistepScheduler(**_neutral_flow(
             DPMSolverMultistepScheduler, num_train_timesteps=_train_timesteps(original), algorithm_type="dpmsolver++",
             solver_order=2, solver_type="midpoint", lower_order_final=True))

@@ -80,6 +80,10 @@ class ModelAdapter:
     teacache_input_module: Optional[str] = None
     presets: Mapping[str, Mapping[str, Any]] = {}
     default_preset: str = ""
+    # Folders of fitted artifacts shipped for models of this family (``{kind}-{steps}.json``:
+    # teacache, magcache, dss). Each records the model class and config fingerprint it was fitted
+    # on, so a method picks only those made for the patched model.
+    artifact_dirs: Tuple[str, ...] = ()
 
     def block_stacks(self, model: torch.nn.Module) -> List[BlockStack]:
         return [BlockStack(name, list(_get_path(model, name)), self.block_io.get(name, BlockIO()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -36,6 +36,29 @@ def read_json_object(path: PathLike, what: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {where}: must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def artifact_kind(path: PathLike) -> str:
+    """The method an artifact file is for: its ``kind`` (teacache, magcache) or, for a learned
+    solver, the name in its ``format`` (``accel-dss`` -> dss)."""
+    data = read_json_object(path, "artifact")
+    kind = data.get("kind")
+    if kind is None and isinstance(data.get("format"), str) and data["format"].startswith("accel-"):
+        kind = data["format"][len("accel-"):]
+    if not isinstance(kind, str):
+        raise ValueError(f"artifact {os.fspath(path)}: neither a calibration (no 'kind') nor a learned solver "
+                         "(no 'format': 'accel-...')")
+    return kind
+
+
+def shipped_files(folders: Sequence[str], kind: str) -> List[str]:
+    """``{kind}-*.json`` in the given folders (an adapter's ``artifact_dirs``), sorted."""
+    found = []
+    for folder in folders:
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                      if name.startswith(f"{kind}-") and name.endswith(".json")]
+    return found
 
 
 def required(data: Dict[str, Any], key: str, where: str) -> Any:

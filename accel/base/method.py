@@ -58,6 +58,11 @@ class Method:
         """Per-method counters for ``Handle.summary`` (filled by each method)."""
         return {}
 
+    def idle_warning(self) -> Optional[str]:
+        """Why the method changed nothing so far although the model ran (a cache that reused no
+        step, attention that fell back on every call), or None: ``Handle.summary`` shows it."""
+        return None
+
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "params": config_params(self.config), "counters": self.counters()}
 

@@ -94,3 +94,34 @@ def test_shipped_dss_solvers_run_their_step_count(pipe, dense_video, steps):
     assert counters["steps"] == steps, counters
     # against the 25-step UniPC default, not the 50-step Euler teacher it was fitted to: a loose floor
     assert 15 < psnr(video, dense_video) < 100
+
+
+@pytest.mark.parametrize("cache", ["teacache", "magcache"])
+def test_calibrated_caches_by_name_use_the_calibration_shipped_for_the_model(pipe, dense_video, cache):
+    """Before: teacache by name used the Wan 1.3B polynomial here and reused 0 of 25 steps, silently."""
+    import accel
+
+    with accel.patched(pipe, cache=cache) as handle:
+        build.generate(pipe)
+        summary = handle.summary()
+    assert sum(summary["methods"]["cache"]["counters"]["steps_reused"].values()) > 0, summary
+    assert summary["warnings"] == []
+
+
+def test_dss_by_name_runs_the_shipped_artifact_for_the_step_count_and_a_path_names_it(pipe):
+    import accel
+
+    with accel.patched(pipe, solver="dss") as handle:
+        build.generate(pipe, num_inference_steps=6)
+        counters = handle.summary()["methods"]["solver"]["counters"]
+    assert counters["scheduler"] == "DSSScheduler" and counters["steps"] == 6, counters
+    with accel.patched(pipe, solver="dss"):
+        with pytest.raises(ValueError, match=r"shipped for this model are for \[4, 6, 8, 10\] steps, not 25"):
+            build.generate(pipe)
+    path = os.path.join(build.CALIBRATION_DIR, "dss-4.json")
+    with accel.patched(pipe, solver=path) as handle:  # a path where a name goes
+        build.generate(pipe)
+        assert handle.summary()["methods"]["solver"]["counters"]["steps"] == 4
+    with accel.patched(pipe, cache=os.path.join(build.CALIBRATION_DIR, "teacache-25.json")) as handle:
+        assert handle.methods["cache"].name == "teacache" and handle.methods["cache"].calibration is not None
+

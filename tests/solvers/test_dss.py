@@ -153,8 +153,11 @@ def test_unreadable_artifact_files_are_refused_naming_the_file(tmp_path, content
 def test_missing_artifact_bare_name_and_flag_types(wan):
     with pytest.raises(ValueError, match="DSS artifact /nonexistent/dss.json does not exist"):
         accel.patch(wan, solver=DSSConfig(artifact="/nonexistent/dss.json"))
+    with pytest.raises(ValueError, match="solver 'dss' needs an artifact fitted for this WanTransformer3DModel, "
+                                         "and none is shipped for it"):
+        accel.patch(wan, solver="dss")  # the tiny Wan has no shipped artifact
     with pytest.raises(ValueError, match="DSSConfig.artifact must be the path"):
-        accel.patch(wan, solver="dss")
+        DSSConfig(artifact=3)
     with pytest.raises(ValueError, match="DSSConfig.check_model must be True or False, got 'no'"):
         DSSConfig(artifact="x.json", check_model="no")
     with pytest.raises(ValueError, match="DSSConfig.steps must be in"):
@@ -163,7 +166,7 @@ def test_missing_artifact_bare_name_and_flag_types(wan):
 
 def test_cli_writes_one_artifact_per_step_count_and_reports_errors(tmp_path, capsys):
     out = str(tmp_path / "dss-{steps}.json")
-    code = main(["--solver", "dss", "--steps", "1", "2", "--model", "tiny:wan", "--out", out, "--num-prompts", "1",
+    code = main(["--solver", "dss", "--steps", "1", "2", "--model", "tiny:wan", "--out", out, "--prompts", "1",
                  "--teacher-steps", "4", "--iterations", "1"])
     assert code == 0
     for n in (1, 2):
