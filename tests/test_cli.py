@@ -70,3 +70,25 @@ def test_bench_attention_tiny_cpu_writes_rows(capsys, tmp_path):
     for row in rows:
         assert {"shape", "device_name", "torch", "density", "backend", "ms", "speedup_vs_sdpa"} <= set(row)
         assert row["ms"] > 0
+
+
+def test_list_and_version_do_not_import_diffusers_pipelines():
+    """What keeps ``accel list`` fast (1.5 s measured, most of it torch's own import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from accel.cli import main; assert main(['list']) == 0\n"
+            "heavy = [m for m in ('diffusers', 'transformers', 'scipy') if m in sys.modules]\n"
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-500:] + result.stderr[-2000:]
+
+
+def test_version_and_every_help_exit_zero(capsys):
+    for argv in (["--version"], ["--help"], ["list", "--help"], ["demo", "--help"], ["bench", "cache", "--help"],
+                 ["bench", "attention", "--help"], ["calibrate", "--cache", "teacache", "--help"],
+                 ["calibrate", "--solver", "dss", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0, argv
+    assert main(["calibrate", "--help"]) == 0 and "accel calibrate --cache" in capsys.readouterr().out
