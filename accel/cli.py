@@ -42,7 +42,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from accel.eval.demo import DemoError, DemoOptions, run_demo
 
     options = DemoOptions(out=args.out, prompt=args.prompt, preset=args.preset, seed=args.seed, steps=args.steps,
-                          model=args.model, height=args.height, width=args.width, frames=args.frames)
+                          model=args.model, height=args.height, width=args.width, frames=args.frames,
+                          repeats=args.repeats, threads=args.threads, device=args.device, dtype=args.dtype)
     try:
         run_demo(options)
     except DemoError as exc:
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--height", type=integer(1))
     p_demo.add_argument("--width", type=integer(1))
     p_demo.add_argument("--frames", type=integer(1), help="number of frames (video pipelines)")
+    p_demo.add_argument("--repeats", type=integer(1), default=3,
+                        help="dense and accelerated runs timed in turns; the speed-up is the ratio of medians (default 3)")
+    p_demo.add_argument("--threads", type=integer(1), help="CPU threads (default: the cores not already busy)")
+    p_demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p_demo.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="default: bfloat16 on cuda, float32 on cpu")
     p_demo.set_defaults(func=_cmd_demo)
     p_bench = sub.add_parser("bench", help="benchmarks: `accel bench TARGET --json OUT` (TARGET --help for options)")
     p_bench.add_argument("target", choices=sorted(BENCHMARKS), help="what to benchmark")

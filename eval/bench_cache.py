@@ -305,7 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"accel bench cache: error: {exc}", file=sys.stderr)
         return 2
     log = lambda message: print(f"[bench cache] {message}", flush=True)  # noqa: E731
-    bench = QualityBench(workload, log=log, retime_every=args.retime_every)
+    bench = QualityBench(workload, log=log, retime_every=args.retime_every, repeats=args.repeats)
     bench.warm_up()
     baseline = bench.set_baseline(repeats=2)
     log(f"dense: {baseline}")

@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         workload = load_workload(args)
         step_counts = list(dict.fromkeys(args.step_counts))
         dss = find_dss_artifacts(workload.pipe, args.dss, step_counts) if "dss" in args.solvers else {}
-        bench = QualityBench(workload)
+        bench = QualityBench(workload, repeats=args.repeats)
         teacher, rows = run_solver_bench(bench, list(dict.fromkeys(args.solvers)), step_counts,
                                          args.teacher_steps, dss)
     except (ValueError, FileNotFoundError) as exc:

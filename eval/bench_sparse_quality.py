@@ -269,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(exc))
 
     workload = load_workload(args)
-    bench = QualityBench(workload, retime_every=5)  # speed-ups against a nearby dense timing
+    bench = QualityBench(workload, retime_every=5, repeats=args.repeats)  # speed-ups against a nearby dense timing
     result = run_sparse_bench(bench, args.patterns, args.densities, overrides)
     result = {"what": "sparse attention quality against dense: attention error on captured q/k/v, "
                       "end-to-end PSNR/SSIM/prompt accuracy and CPU wall time",

@@ -31,6 +31,7 @@ import torch
 from accel.base.cli_args import integer, output_path
 
 from .metrics import psnr, ssim
+from .timing import interleaved, set_threads
 
 Setup = Optional[Callable[[Any], Optional[Callable[[], None]]]]  # pipe -> undo (or None)
 
@@ -53,15 +54,34 @@ def add_workload_args(parser: argparse.ArgumentParser, prompts: int = 4) -> None
     parser.add_argument("--prompts", type=integer(1), default=prompts, help="held-out prompts to generate")
     parser.add_argument("--seed", type=integer(0), default=0, help="prompt i uses seed + i")
     parser.add_argument("--steps", type=integer(1, 1000), default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=integer(1), default=None,
+                        help="torch CPU threads (default: the cores not already busy)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--repeats", type=integer(1), default=1,
+                        help="time each row this many times in turns with a dense run; speed-ups are ratios of "
+                             "medians with their spread (default 1: one run against a nearby dense timing)")
     parser.add_argument("--json", dest="json_path", type=output_path, default=None, help="write the result here")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple:
+    device = getattr(args, "device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device visible")
+    dtype = getattr(args, "dtype", "auto")
+    dtype = dtype if dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, getattr(torch, dtype)
 
 
 def load_workload(args: argparse.Namespace) -> Workload:
     if args.prompts < 1:
         raise ValueError(f"prompts: expected >= 1, got {args.prompts}")
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    device, dtype = device_and_dtype(args)
+    if device == "cpu":
+        set_threads(getattr(args, "threads", None))
     from accel.pipelines.reference import data
 
     specs = data.held_out_specs()[: args.prompts]
@@ -69,7 +89,7 @@ def load_workload(args: argparse.Namespace) -> Workload:
     if args.model == "tiny":
         from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
 
-        pipe = build_tiny_pipeline("wan", seed=0)
+        pipe = build_tiny_pipeline("wan", seed=0, dtype=dtype).to(device)
         kwargs = {k: v for k, v in tiny_call_kwargs("wan", seed=0).items()
                   if k not in ("prompt", "generator", "output_type", "negative_prompt")}
         specs = None
@@ -77,7 +97,7 @@ def load_workload(args: argparse.Namespace) -> Workload:
     else:
         from accel.pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
 
-        pipe = load_reference_pipeline(args.weights)
+        pipe = load_reference_pipeline(args.weights, torch_dtype=dtype, device=device)
         kwargs = {k: v for k, v in REFERENCE_DEFAULTS.items() if k not in ("prompt", "seed", "negative_prompt")}
         description = {"model": "reference Wan model", "weights": args.weights or "shipped"}
     if args.steps is not None:
@@ -85,21 +105,24 @@ def load_workload(args: argparse.Namespace) -> Workload:
             raise ValueError(f"steps: expected >= 1, got {args.steps}")
         kwargs["num_inference_steps"] = args.steps
     pipe.set_progress_bar_config(disable=True)
-    description.update(prompts=len(prompts), seed=args.seed, **{k: v for k, v in kwargs.items()})
+    description.update(prompts=len(prompts), seed=args.seed, device=device, dtype=str(dtype).replace("torch.", ""),
+                       **{k: v for k, v in kwargs.items()})
     return Workload(pipe, prompts, specs, args.seed, kwargs, description)
 
 
 def environment() -> Dict[str, Any]:
     import diffusers
 
-    return {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"device": gpu or "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 class QualityBench:
     """Runs one workload under different settings and reports each against a baseline run."""
 
-    def __init__(self, workload: Workload, log: Callable[[str], None] = print, retime_every: int = 0):
+    def __init__(self, workload: Workload, log: Callable[[str], None] = print, retime_every: int = 0,
+                 repeats: int = 1):
         """``retime_every``: re-time the baseline after that many rows (0: never) and compute
         speed-ups against the latest baseline timings, not only the first. On a shared CPU the
         machine's speed drifts by 10-20% over a long run (an exact no-op row measured 0.79x
@@ -107,6 +130,8 @@ class QualityBench:
         self.workload = workload
         self.log = log
         self.retime_every = retime_every
+        # > 1: each row is timed that many times in turns with the baseline (eval/timing.py)
+        self.repeats = repeats
         self._judge = None
         self.baseline_videos: Optional[torch.Tensor] = None
         self.baseline_seconds: Optional[float] = None
@@ -196,12 +221,25 @@ class QualityBench:
         }
 
     def measure(self, fields: Dict[str, Any], setup: Setup = None, **overrides: Any) -> Dict[str, Any]:
+        if self.repeats > 1:
+            return self._measure_interleaved(fields, setup, **overrides)
         if self.retime_every and self._rows_since_timing >= self.retime_every:
             self.retime_baseline()
             self._rows_since_timing = 0
         self._rows_since_timing += 1
         videos, seconds = self.run(setup, **overrides)
         row = {**fields, **self.compare(videos, seconds)}
+        self.log(json.dumps(row))
+        return row
+
+    def _measure_interleaved(self, fields: Dict[str, Any], setup: Setup, **overrides: Any) -> Dict[str, Any]:
+        base_setup, base_overrides = self._baseline_run
+        _, (videos, _), timing = interleaved(lambda: self.run(base_setup, **base_overrides),
+                                             lambda: self.run(setup, **overrides), self.repeats)
+        measured = timing.as_dict()
+        row = {**fields, **self.compare(videos, measured["accelerated_seconds"]),
+               "speedup": measured["speedup"], "speedup_spread": measured["speedup_spread"],
+               "speedup_noisy": measured["noisy"]}
         self.log(json.dumps(row))
         return row
 
