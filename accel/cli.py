@@ -133,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(argv: List[str]) -> "tuple[argparse.ArgumentParser, List[str]]":
+    """The parser that reads ``argv`` (a full ``accel ...`` command line) and the arguments it gets:
+    what the README test parses every documented command with, without running it."""
+    import importlib
+
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
+        return importlib.import_module(BENCHMARKS[argv[1]]).build_parser(), argv[2:]
+    if argv[:1] == ["calibrate"]:
+        module = "accel.distill.solver_search" if "--solver" in argv else "accel.distill.cache_calibration"
+        return importlib.import_module(module).build_parser(), argv[1:]
+    return build_parser(), argv
+
+
 def _not_yet(name: str) -> int:
     print(f"accel {name}: not available in this version ({RESERVED[name]}).", file=sys.stderr)
     return 2

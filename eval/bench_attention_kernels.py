@@ -238,7 +238,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel bench attention", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=(*SHAPES, "all"), default="tiny")
@@ -247,6 +247,11 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", type=number(0, 1, low_inclusive=False), nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--repeats", type=integer(1), default=10)
     parser.add_argument("--json", dest="json_path", type=output_path, default=None, help="write the rows to this file")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")

@@ -287,7 +287,7 @@ def save_plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel bench cache", description=__doc__.splitlines()[0])
     # 2 prompts keep the default run under 15 minutes on a 2-core CPU (4 took 27).
     add_workload_args(parser, prompts=2)
@@ -298,6 +298,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--calibration-prompts", type=integer(1), default=4)
     parser.add_argument("--only", nargs="+", default=None, metavar="METHOD", choices=(*CACHE_METHODS.names(), *PEERS),
                         help="only these methods (ours by name, e.g. fbcache; peers by class, e.g. FirstBlockCache)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         workload = load_workload(args)

@@ -243,7 +243,7 @@ def format_table(rows: Sequence[Dict[str, Any]], baseline: Dict[str, Any]) -> st
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel bench sparse", description=__doc__.splitlines()[0])
     add_workload_args(parser, prompts=4)
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS + DENSITY_FREE, default=list(PATTERNS),
@@ -257,6 +257,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="pattern config field, for every listed pattern that has it (repeatable), "
                              "e.g. dense_warmup=0.3 or similarity_threshold=-1")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides, args.patterns)

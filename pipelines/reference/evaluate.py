@@ -107,7 +107,7 @@ def evaluate(pipe, limit: int | None = None, steps: int | None = None, guidance:
     }
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Evaluate the reference pipeline on held-out prompts.")
     ap.add_argument("--weights", default=None, help="pipeline directory (default: the shipped weights)")
     ap.add_argument("--steps", type=int, default=None)
@@ -117,6 +117,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write the JSON result here")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
     pipe = load_reference_pipeline(args.weights, device=args.device)
     pipe.set_progress_bar_config(disable=True)

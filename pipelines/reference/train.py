@@ -383,6 +383,10 @@ def parse_mix(text: str) -> list[tuple[int, int, float]]:
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train the reference text-to-video model (WanPipeline).")
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -446,7 +450,7 @@ def parse_args(argv=None):
     ap.add_argument("--dit-from", default=None,
                     help="continue stage 3 from a saved pipeline (its VAE with its latent statistics, text "
                          "encoder and transformer); stages 1 and the initialisations are skipped")
-    return ap.parse_args(argv)
+    return ap
 
 
 def main(argv=None) -> dict:
