@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from accel.base.adapter import config_fingerprint
-from accel.base.cli_args import integer, output_path
+from accel.base.cli_args import integer, output_path, set_threads
 from accel.caching.calibration import FORMAT_VERSION, save_calibration
 from accel.caching.configs import TeaCacheConfig
 from accel.caching.indicators import relative_l1
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="blocks kept out of the cached span at the start")
     parser.add_argument("--last-blocks", type=integer(0), default=0, help="blocks kept out of the cached span at the end")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=integer(1), help="CPU threads (default: the cores not already busy)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="default: bfloat16 on GPU, float32 on CPU")
     return parser
@@ -224,6 +225,7 @@ def _load_pipeline(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    set_threads(args.threads)
     try:
         if args.weights and args.model != "reference":
             raise ValueError("--weights goes with --model reference (other models are named by --model)")

@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from accel.base.adapter import config_fingerprint
-from accel.base.cli_args import check_output_file, integer, number
+from accel.base.cli_args import check_output_file, integer, number, set_threads
 from accel.solvers.learned import DSSArtifact, dss_velocity
 
 TINY_PROMPTS = (
@@ -287,11 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=integer(1))
     p.add_argument("--frames", dest="num_frames", type=integer(1))
     p.add_argument("--device", default="cpu", help="run the model here (cuda: a minutes-long search takes seconds)")
+    p.add_argument("--threads", type=integer(1), help="CPU threads (default: the cores not already busy)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    set_threads(args.threads)
     try:
         if len(args.steps) > 1 and "{steps}" not in args.out:
             raise ValueError("with several --steps, --out must contain {steps}, e.g. dss-{steps}.json")

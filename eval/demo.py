@@ -15,11 +15,12 @@ import torch
 
 import accel
 from accel.api import adapter_for, check_preset
+from accel.base.cli_args import set_threads
 from accel.base.registry import MODEL_ADAPTERS
 from accel.pipelines.loading import load_pipeline as load_pipeline_folder
 
 from .metrics import psnr, ssim
-from .timing import interleaved, set_threads
+from .timing import interleaved
 from .video_io import side_by_side, to_uint8_frames, write_video
 
 

@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from accel.base.cli_args import integer, output_path
+from accel.base.cli_args import integer, output_path, set_threads
 
 from .metrics import psnr, ssim
-from .timing import interleaved, set_threads
+from .timing import interleaved
 
 Setup = Optional[Callable[[Any], Optional[Callable[[], None]]]]  # pipe -> undo (or None)
 

@@ -9,11 +9,10 @@ noise, with the compute fraction (work skipped, counted) as the stable figure.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -69,22 +68,3 @@ def interleaved(run_baseline: Callable[[], Any], run_accelerated: Callable[[], A
             if turn == 0:
                 outputs[index] = out
     return outputs[0], outputs[1], timing
-
-
-def auto_threads() -> int:
-    """CPU threads for a run: the cores not already busy (load average), at least one. On an idle
-    2-core machine the reference model runs 1.7x faster on 2 threads than on 1; on a busy one two
-    threads fight the other load and one dense video took 43-57 s instead of 10 s."""
-    cores = os.cpu_count() or 1
-    try:
-        busy = round(os.getloadavg()[0])
-    except OSError:  # not available on this platform
-        busy = 0
-    return max(1, min(cores, cores - busy))
-
-
-def set_threads(threads: Optional[int]) -> int:
-    """Apply ``threads`` (None: ``auto_threads()``) to torch; returns what was set."""
-    threads = threads or auto_threads()
-    torch.set_num_threads(threads)
-    return threads

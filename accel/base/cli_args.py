@@ -3,7 +3,8 @@
 ``argparse`` turns an ``ArgumentTypeError`` into ``<prog>: error: argument --flag: <message>`` and
 exit code 2; the commands (``accel.cli``, the benchmarks in ``accel.eval``, the calibrations in
 ``accel.distill``) use these types instead of bare ``int``/``float``, and ``output_path`` for every
-file a run writes at its end, so a long run cannot fail at its last line.
+file a run writes at its end, so a long run cannot fail at its last line. ``set_threads`` is what
+every CPU-heavy command's ``--threads`` does (default: the cores not already busy).
 """
 from __future__ import annotations
 
@@ -91,3 +92,24 @@ def unwritable(folder: str) -> Optional[str]:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"{ancestor} is not writable"
     return None
+
+
+def auto_threads() -> int:
+    """CPU threads for a run: the cores not already busy (load average), at least one. On an idle
+    2-core machine the reference model runs 1.7x faster on 2 threads than on 1; on a busy one two
+    threads fight the other load and one dense video took 43-57 s instead of 10 s."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # not available on this platform
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Apply ``threads`` (None: ``auto_threads()``) to torch; returns what was set."""
+    import torch
+
+    threads = threads or auto_threads()
+    torch.set_num_threads(threads)
+    return threads

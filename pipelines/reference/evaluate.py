@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from accel.base.cli_args import integer, set_threads
 from accel.pipelines.reference import data
 from accel.pipelines.reference import judge as J
 from accel.pipelines.reference.build import REFERENCE_DEFAULTS, load_reference_pipeline
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=integer(1), help="CPU threads (default: the cores not already busy)")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     return ap
 
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     ap = build_parser()
     args = ap.parse_args(argv)
+    set_threads(args.threads)
     pipe = load_reference_pipeline(args.weights, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     result = evaluate(pipe, args.limit, args.steps, args.guidance, args.seed, args.batch_size)

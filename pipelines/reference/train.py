@@ -58,6 +58,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from accel.base.cli_args import integer, set_threads
 from accel.pipelines.reference import data
 from accel.pipelines.reference.build import (REFERENCE_DEFAULTS, ReferenceConfig, build_components, count_params,
                                              fast_decode, fast_encode, vae_layout, zero_init_residual_branches)
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train the reference text-to-video model (WanPipeline).")
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=integer(1), help="CPU threads (default: the cores not already busy)")
     ap.add_argument("--seed", type=int, default=0)
     # The DiT loss flattens after ~2000 steps (~100 s compiled on an H100), while the VAE was
     # still improving fast when its budget ran out: the VAE gets the larger share.
@@ -455,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    set_threads(args.threads)
     t0 = time.time()
     device = torch.device(args.device)
     if args.compile is None:
