@@ -1,9 +1,8 @@
-"""The residual-cache engine: one implementation over every model's block stacks.
+"""The residual-cache engine: one implementation over every model's block stacks, for every host.
 
-Each block of the adapter's stacks (dual then single stacks, as one ordered sequence) gets a gate
-through the session's change log (``gate_block``): the model's own loop still calls every
-position, and the gate decides, outside the block (so a compiled block stays one graph), whether
-it runs:
+The engine sees a model as an ordered sequence of blocks, each reading and writing named streams
+(the visual stream, and the text stream of joint models), and decides, before each block runs,
+whether the block runs at all:
 
     blocks [0, Fn)          always run; block 0 opens the call (step, branch, probes)
     blocks [Fn, N - Bn)     the cached span: at its first block the rule and the engine's gates
@@ -11,75 +10,27 @@ it runs:
                             last one returns span input + cached (or forecast) residual
     blocks [N - Bn, N)      always run
 
-Residuals are kept per model and per CFG branch (``session.step.branch``), reset when a new
-generation starts. Streams are read and written through each stack's ``BlockIO``, so there is no
-model-specific code here. On reuse, anything the model's loop adds between cached blocks
-(ControlNet residuals) is dropped with the blocks' own work.
+Residuals are kept per model and per CFG branch (the step context's ``branch``), reset when a new
+generation starts. The engine knows nothing of who calls it: a *host* binds it to a model's blocks
+and calls ``block_input``/``block_output`` with stream dicts. Hosts: diffusers modules
+(``caching/diffusers_host.py``: each block gated in place) and ComfyUI's block patches
+(``accel/comfy``). On reuse, anything the model's loop adds between cached blocks (ControlNet or
+VACE hints) is dropped with the blocks' own work.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from accel.base.context import BRANCH_BATCHED, BRANCH_COND, BRANCH_UNCOND
-from accel.base.method import PatchSession
+from accel.base.context import BRANCH_BATCHED, BRANCH_COND, BRANCH_UNCOND, StepContext
 
 from .configs import CacheConfig
 from .forecast import Residuals, make_forecaster
 from .indicators import FIRST_RESIDUAL, MODULATED_INPUT, SPAN_INPUT, Probe, Rule
 from .state import BranchState, CallState, Counters, held_memory
-from .streams import StreamBinding, Streams
-
-
-GATE_ATTR = "_accel_cache_gate"
-
-
-class BlockGate:
-    """The engine's two calls around one block; ``before`` may answer in the block's place."""
-
-    __slots__ = ("before", "after")
-
-    def __init__(self, before: Callable, after: Callable):
-        # Bookkeeping stays out of any compiled graph: a regionally compiled block is one graph.
-        self.before = torch.compiler.disable(before)
-        self.after = torch.compiler.disable(after)
-
-
-_GATED_CLASSES: Dict[type, type] = {}
-
-
-def gated_class(cls: type) -> type:
-    """A subclass of the block class ``cls`` whose ``__call__`` asks the instance's gate first.
-
-    Only patched instances get it (their ``__class__`` is swapped and swapped back by the change
-    log), and it keeps ``cls``'s name: the module tree, parameter names, ``state_dict`` keys,
-    LoRA targets, hooks and ``compile_repeated_blocks`` (which matches class names) see the
-    block exactly as before. The gate wraps ``nn.Module.__call__``, so it sits outside the
-    block's hooks and outside its compiled ``_call_impl``.
-    """
-    gated = _GATED_CLASSES.get(cls)
-    if gated is None:
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            gate = self.__dict__.get(GATE_ATTR)
-            if gate is None:
-                return super(gated, self).__call__(*args, **kwargs)
-            skip, value = gate.before(self, args, kwargs)
-            if skip:
-                return value
-            return gate.after(super(gated, self).__call__(*args, **kwargs))
-
-        gated = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                            "__qualname__": cls.__qualname__, "_accel_gated": True})
-        _GATED_CLASSES[cls] = gated
-    return gated
-
-
-def gate_block(block: torch.nn.Module, gate: BlockGate, changes) -> None:
-    changes.set_class(block, gated_class(type(block)))
-    changes.set_attr(block, GATE_ATTR, gate)
+from .streams import Streams
 
 
 @dataclass
@@ -93,40 +44,37 @@ class SpanRecord:
     main_stream: str  # name of the visual stream
 
 
-class ModelPlan:
-    """One model's block sequence, cached span and per-branch state."""
+class CachedModel:
+    """What the engine keeps for one model: its blocks' streams, the cached span, per-branch state.
 
-    def __init__(self, model: torch.nn.Module, session: PatchSession, config: CacheConfig):
-        self.model = model
-        self.bindings: List[StreamBinding] = []
-        self.blocks: List[torch.nn.Module] = []
-        for stack in session.adapter.block_stacks(model):
-            for index, block in enumerate(stack.blocks):
-                if getattr(type(block), "_accel_gated", False):
-                    raise ValueError(f"{type(model).__name__}.{stack.name} is already cached by another accel handle")
-                self.blocks.append(block)
-                self.bindings.append(StreamBinding(block, stack.io, f"{stack.name}.{index}"))
-        self.num_blocks = len(self.blocks)
+    ``streams`` names each block's streams in order (the visual stream first); ``owner`` is what
+    observers see as the model (the host's model object).
+    """
+
+    def __init__(self, owner: Any, streams: Sequence[Sequence[str]], config: CacheConfig, name: str = "model"):
+        self.model = owner
+        self.num_blocks = len(streams)
         self.span_start, self.span_end = config.first_blocks, self.num_blocks - config.last_blocks
         if self.span_start >= self.span_end:
             raise ValueError(f"first_blocks={config.first_blocks} + last_blocks={config.last_blocks} leave no block "
-                             f"to cache: {type(model).__name__} has {self.num_blocks} blocks")
-        first, last = self.bindings[self.span_start], self.bindings[self.span_end - 1]
-        if set(first.names) != set(last.names):
-            raise ValueError(f"the cached span starts with streams {first.names} and ends with {last.names}; "
+                             f"to cache: {name} has {self.num_blocks} blocks")
+        first, last = streams[self.span_start], streams[self.span_end - 1]
+        if set(first) != set(last):
+            raise ValueError(f"the cached span starts with streams {tuple(first)} and ends with {tuple(last)}; "
                              "choose first_blocks/last_blocks inside stacks that carry the same streams")
-        self.main_stream = first.names[0]
+        self.main_stream = first[0]
         self.branches: Dict[str, BranchState] = {}
         self.generation: Optional[int] = None
         self.call: Optional[CallState] = None
-        self.captured: Any = None  # this call's output of the adapter's teacache_input_module
+        self.captured: Any = None  # this call's teacache indicator input, when the host captures it
 
 
 class CacheEngine:
     """Runs the reuse rule, the gates, forecasting and CFG reuse for every patched model."""
 
     def __init__(self, config: CacheConfig, rule: Rule, warn: Callable[[str], None],
-                 rule_for_loop: Optional[Callable[[Optional[int]], Optional[Rule]]] = None):
+                 rule_for_loop: Optional[Callable[[Optional[int]], Optional[Rule]]] = None,
+                 step: Optional[StepContext] = None):
         self.config = config
         self.rule = rule
         self.forecaster = make_forecaster(config.forecast, config.order)
@@ -135,68 +83,54 @@ class CacheEngine:
         # another step count) or return the rule for this loop (one fitted for that step count).
         self.rule_for_loop = rule_for_loop
         self.counters = Counters()
-        self.plans: List[ModelPlan] = []
+        self.plans: List[CachedModel] = []
         self.observers: List[Callable[[SpanRecord], None]] = []
-        self.session: Optional[PatchSession] = None
+        self.step = step or StepContext()  # the host keeps it true (step index, loop, CFG branch)
 
-    # ---------------------------------------------------------------- attach / detach
-
-    def attach(self, session: PatchSession) -> None:
-        self.session = session
-        plans = [ModelPlan(model, session, self.config) for model in session.models]  # validate all first
-        for plan in plans:
-            for index, block in enumerate(plan.blocks):
-                gate_block(block, BlockGate(functools.partial(self.before_block, plan, index),
-                                            functools.partial(self.after_block, plan, index)), session.changes)
-            capture = session.adapter.teacache_input_module
-            if MODULATED_INPUT in self.rule.needs and capture:
-                session.changes.keep_handle(plan.model.get_submodule(capture).register_forward_hook(
-                    self._capturer(plan)))
-        self.plans = plans
-        session.changes.on_undo(self.clear)
+    def add_model(self, plan: CachedModel) -> CachedModel:
+        self.plans.append(plan)
+        return plan
 
     def clear(self) -> None:
-        """Drop every cached tensor (on ``remove()``); counters stay readable."""
+        """Drop every cached tensor (on ``remove()`` or at the end of a run); counters stay readable."""
         for plan in self.plans:
             plan.branches.clear()
             plan.call = plan.captured = None
 
-    @staticmethod
-    def _capturer(plan: ModelPlan):
-        def capture(module, args, output):
-            plan.captured = output
-        return capture
-
     # ---------------------------------------------------------------- the per-block path
 
-    def before_block(self, plan: ModelPlan, index: int, block: torch.nn.Module, args: tuple,
-                     kwargs: dict) -> Tuple[bool, Any]:
-        """(True, value to return instead of running the block) or (False, None) to run it."""
-        binding = plan.bindings[index]
+    def block_input(self, plan: CachedModel, index: int, streams: Streams,
+                    modulated_input: Callable[[], Optional[torch.Tensor]]) -> Optional[Streams]:
+        """Streams to return instead of running block ``index``, or None to run it.
+
+        ``streams`` are the block's input streams by name; ``modulated_input`` gives TeaCache's
+        indicator input of this call (asked at block 0, only by rules that need it).
+        """
         if index == 0:
-            plan.call = self._begin_call(plan, block, binding, args, kwargs)
+            plan.call = self._begin_call(plan, streams, modulated_input)
         call = plan.call
         if call is None or not plan.span_start <= index < plan.span_end:
-            return False, None
+            return None
         if index == plan.span_start:
-            self._decide(plan, call, binding.streams(args, kwargs))
+            self._decide(plan, call, dict(streams))
         if call.residual is None:
-            return False, None
-        streams = binding.streams(args, kwargs)  # reuse: pass through, add the residual at the span's end
+            return None
+        streams = dict(streams)  # reuse: pass through, add the residual at the span's end
         if index == plan.span_end - 1:
             for name, residual in call.residual.items():
                 streams[name] = call.span_input[name] + residual
             self._end_span(plan, call, None)
-        return True, binding.pack(streams)
+        return streams
 
-    def after_block(self, plan: ModelPlan, index: int, output: Any) -> Any:
+    def block_output(self, plan: CachedModel, index: int, streams: Callable[[], Streams]) -> None:
+        """After block ``index`` ran; ``streams`` gives its output streams (asked at the span's end)."""
         call = plan.call
         if call is not None and index == plan.span_end - 1:
-            self._end_span(plan, call, plan.bindings[index].unpack(output))
-        return output
+            self._end_span(plan, call, streams())
 
-    def _begin_call(self, plan: ModelPlan, block, binding: StreamBinding, args: tuple, kwargs: dict) -> CallState:
-        step = self.session.step
+    def _begin_call(self, plan: CachedModel, streams: Streams,
+                    modulated_input: Callable[[], Optional[torch.Tensor]]) -> CallState:
+        step = self.step
         if plan.generation != step.generations:  # a new denoising loop: nothing carries over
             if self.rule_for_loop is not None:  # before adopting the loop, so every call of it refuses
                 self.rule = self.rule_for_loop(step.num_steps) or self.rule
@@ -212,21 +146,16 @@ class CacheEngine:
         probe = Probe(step=step.step_index, num_steps=step.num_steps, branch=branch)
         call = CallState(branch=branch, state=state, probe=probe)
         if MODULATED_INPUT in self.rule.needs:
-            probe.modulated_input = self._modulated_input(plan, block, binding, args, kwargs)
+            value = modulated_input()
+            if value is None:
+                self.warn("this model has no TeaCache input hook; measuring the first block's input instead")
+                value = streams[plan.main_stream]
+            probe.modulated_input = value
         if FIRST_RESIDUAL in self.rule.needs:
-            call.first_input = binding.streams(args, kwargs)[plan.main_stream]
+            call.first_input = streams[plan.main_stream]
         return call
 
-    def _modulated_input(self, plan: ModelPlan, block, binding: StreamBinding, args: tuple, kwargs: dict):
-        captured, plan.captured = plan.captured, None
-        value = self.session.adapter.teacache_input(block, binding.arguments(args, kwargs), captured)
-        if value is None:
-            self.warn(f"the {self.session.adapter.family} adapter has no TeaCache input hook; measuring the "
-                      "first block's input instead")
-            value = binding.streams(args, kwargs)[plan.main_stream]
-        return value
-
-    def _decide(self, plan: ModelPlan, call: CallState, span_input: Streams) -> None:
+    def _decide(self, plan: CachedModel, call: CallState, span_input: Streams) -> None:
         call.span_input = span_input
         probe, state = call.probe, call.state
         main = span_input[plan.main_stream]
@@ -257,7 +186,7 @@ class CacheEngine:
             return False
         return _fits(state.history[-1][1], span_input)
 
-    def _cfg_residual(self, plan: ModelPlan, call: CallState, span_input: Streams) -> Optional[Residuals]:
+    def _cfg_residual(self, plan: CachedModel, call: CallState, span_input: Streams) -> Optional[Residuals]:
         """cond residual at this step + last (uncond - cond) difference, on the chosen uncond steps."""
         probe = call.probe
         if call.branch != BRANCH_UNCOND or not self.config.cfg_reuse_at(probe.step, probe.num_steps):
@@ -269,7 +198,7 @@ class CacheEngine:
         residual = {name: value + delta[name] for name, value in cond.applied[1].items() if name in delta}
         return residual if residual and _fits(residual, span_input) else None
 
-    def _end_span(self, plan: ModelPlan, call: CallState, output: Optional[Streams]) -> None:
+    def _end_span(self, plan: CachedModel, call: CallState, output: Optional[Streams]) -> None:
         state, probe = call.state, call.probe
         if output is None:
             residual = call.residual
@@ -285,7 +214,7 @@ class CacheEngine:
         plan.call = None  # release this call's inputs; later blocks just run
         self.counters.peak_bytes = max(self.counters.peak_bytes, self.held()[1])
 
-    def _track_cfg(self, plan: ModelPlan, call: CallState, residual: Residuals, computed: bool) -> None:
+    def _track_cfg(self, plan: CachedModel, call: CallState, residual: Residuals, computed: bool) -> None:
         """Remember the residual each branch used; measure (uncond - cond) when both computed a step."""
         step, state = call.probe.step, call.state
         state.applied, state.applied_computed = (step, residual), computed

@@ -23,6 +23,7 @@ from accel.base.registry import CACHE_METHODS
 from .calibration import CacheCalibration, load_calibration
 from .configs import (CacheConfig, EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig,
                       TeaCacheConfig)
+from .diffusers_host import attach_engine
 from .engine import CacheEngine
 from .indicators import EasyCacheRule, FirstBlockRule, FixedRule, MagCacheRule, Rule, TeaCacheRule
 
@@ -64,7 +65,7 @@ class ResidualCache(Method):
         self.session = session
         self.engine = CacheEngine(self.config, self.make_rule(session, self.calibration), warn=self.warn_once,
                                   rule_for_loop=self.rule_for_loop)
-        self.engine.attach(session)
+        attach_engine(self.engine, session)
 
     def wants_calibration(self) -> bool:
         return True

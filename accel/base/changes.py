@@ -44,7 +44,7 @@ class ChangeLog:
     def set_class(self, obj: Any, cls: type) -> None:
         """Give one instance the class ``cls`` (a subclass of its own); undo gives the old one back.
 
-        The cache engine gates a block this way (``caching.engine.gated_class``): the instance
+        The cache engine gates a block this way (``caching.diffusers_host.gated_class``): the instance
         stays where it is in the module tree, so names and ``state_dict`` keys do not change.
         """
         old = type(obj)

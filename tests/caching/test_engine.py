@@ -7,7 +7,7 @@ import torch
 import accel
 from accel.base.changes import ChangeLog
 from accel.caching import FBCacheConfig, FixedCacheConfig, TeaCacheConfig
-from accel.caching.engine import GATE_ATTR
+from accel.caching.diffusers_host import GATE_ATTR
 from accel.caching.state import BranchState
 from accel.caching.streams import StreamBinding
 from accel.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
