@@ -56,6 +56,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 BENCHMARKS = {
     "attention": "accel.eval.bench_attention_kernels",
     "cache": "accel.eval.bench_cache",
+    "comfyui": "accel.eval.bench_comfyui",
     "solvers": "accel.eval.bench_solvers",
     "sparse": "accel.eval.bench_sparse_quality",
 }
@@ -92,6 +93,14 @@ def _calibrate(rest: List[str]) -> int:
     return 2
 
 
+def _cmd_comfy(args: argparse.Namespace) -> int:
+    from .comfyui.install import install
+
+    folder = install(args.comfyui_dir)
+    print(f"accel: wrote {folder}; restart ComfyUI (its Python needs accel: python -m pip install accel-diffusers)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Drop-in acceleration for diffusers pipelines.")
     parser.add_argument("--version", action="version", version=f"accel {__version__} (distribution accel-diffusers)")
@@ -121,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("target", choices=sorted(BENCHMARKS), help="what to benchmark")
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help there)")
     p_bench.set_defaults(func=_cmd_bench)
+
+    p_comfy = sub.add_parser("comfy", help="ComfyUI: `accel comfy install COMFYUI_DIR` adds the accel nodes")
+    comfy_sub = p_comfy.add_subparsers(dest="comfy_command", required=True)
+    p_install = comfy_sub.add_parser("install", help="write the node loader into COMFYUI_DIR/custom_nodes")
+    p_install.add_argument("comfyui_dir", help="the ComfyUI folder (with main.py)")
+    p_install.set_defaults(func=_cmd_comfy)
 
     # Listed for --help only: main() hands everything after "calibrate" to the chosen calibration,
     # because argparse cannot pass through a remainder that starts with an option.

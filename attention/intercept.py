@@ -16,10 +16,11 @@ How it works, and why it is shaped this way:
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 import types
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -124,9 +125,28 @@ def watch_module(site: AttentionSite, method: Any, make_context: Callable[[], At
     changes.keep_handle(site.module.register_forward_hook(leave, always_call=True))
 
 
+# The host's own exact attention while a routed call runs (ComfyUI's ``optimized_attention``, say),
+# so that a method's dense path (dense method, warm-up steps, fallbacks) is exactly the host's.
+_HOST_DENSE: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("accel_host_dense", default=None)
+
+
+@contextlib.contextmanager
+def host_dense_attention(fn: Callable) -> Iterator[None]:
+    """While the block runs, ``dense_attention`` calls ``fn(q, k, v, attn_mask)`` ((B, S, H, D)
+    tensors) instead of torch SDPA, for calls without a custom scale."""
+    token = _HOST_DENSE.set(fn)
+    try:
+        yield
+    finally:
+        _HOST_DENSE.reset(token)
+
+
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
-    """Exact attention for (B, S, H, D) inputs via torch SDPA: the reference and the fallback."""
+    """Exact attention for (B, S, H, D) inputs: the host's own where it gave one, else torch SDPA."""
+    host = _HOST_DENSE.get()
+    if host is not None and scale is None:
+        return host(query, key, value, attn_mask)
     out = torch.nn.functional.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale)
     return out.transpose(1, 2)
