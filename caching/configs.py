@@ -28,8 +28,9 @@ class CacheConfig:
         and ceil(ratio * num_steps).
     final_steps: steps always computed at the end.
     max_consecutive_reuses: cap on reuses in a row per branch (None: no cap).
-    forecast, order: "none" (reuse the residual), "taylor" (of ``order`` 1 or 2) or "foca"
-        (see ``caching/forecast.py`` for the formulas).
+    forecast, order: "none" (reuse the residual), "taylor" (the exact polynomial of ``order`` 1
+        or 2), "taylorseer" (TaylorSeer's expansion of ``order`` 1 or 2) or "foca" (see
+        ``caching/forecast.py`` for the formulas).
     cfg_reuse_steps / cfg_reuse_interval: where the uncond branch takes the cond branch's
         residual plus the last measured (uncond - cond) difference: the listed step indices, or
         every step that is not a multiple of the interval (outside warm-up and final steps).

@@ -8,8 +8,15 @@ each stream is forecast on its own, in float32, and cast back to its dtype.
 * ``none``: the newest computed residual, as is.
 * ``taylor`` (order n = 1 or 2): the Newton divided-difference polynomial through the last n+1
   computed residuals, evaluated at the target step. For evenly spaced steps this is the
-  finite-difference Taylor expansion F + F' k + F'' k^2 / 2 with backward-difference derivatives;
-  it is exact for residuals that are polynomials of degree <= n in the step index.
+  Taylor expansion F + F' k + F'' k^2 / 2 with F' and F'' the one-sided estimates at the newest
+  step that are exact on quadratics (F' = (3 F0 - 4 F1 + F2) / 2h at order 2); it is exact for
+  residuals that are polynomials of degree <= n in the step index.
+* ``taylorseer`` (order n = 1 or 2): TaylorSeer's expansion at the newest computed step s0,
+  F + D1 k + D2 k^2 / 2 with k = s - s0, D1 the slope over the newest gap and D2 the change of
+  that slope over the newest gap (backward differences, as diffusers' and cache-dit's TaylorSeer
+  compute them). Order 1 is ``taylor`` order 1; at order 2 the curvature term is k^2 where the
+  exact quadratic's is k (k + h): exact only on straight lines, and it follows curvature by
+  half at a lead of one gap (docs/cache_forecasting.md says when that is the better bet).
 * ``foca`` (BDF2 predictor, Heun corrector, damped): with computed steps s1 > s2 > s3, residuals
   F1, F2, F3, gap h1 = s1 - s2 and lead tau = s - s1 > 0:
 
@@ -25,6 +32,7 @@ each stream is forecast on its own, in float32, and cast back to its dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -34,7 +42,7 @@ from accel.base.config import check_choice, check_range
 Residuals = Dict[str, torch.Tensor]
 History = Sequence[Tuple[int, Residuals]]  # (step index, residuals), oldest first
 
-FORECASTS = ("none", "taylor", "foca")
+FORECASTS = ("none", "taylor", "taylorseer", "foca")
 
 
 class Forecaster:
@@ -64,6 +72,19 @@ class TaylorForecast(Forecaster):
                 for name, ref in points[0][1].items()}
 
 
+class TaylorSeerForecast(Forecaster):
+    def __init__(self, order: int):
+        check_range("TaylorSeerForecast", "order", order, 1, 2, integer=True)
+        self.order = order
+        self.history_size = order + 1
+
+    def predict(self, history: History, step: int) -> Residuals:
+        points = list(history[-self.history_size:])[::-1]  # newest first
+        steps = [s for s, _ in points]
+        return {name: _cast_like(taylorseer_extrapolate(steps, [r[name].float() for _, r in points], step), ref)
+                for name, ref in points[0][1].items()}
+
+
 class FoCaForecast(Forecaster):
     history_size = 3
 
@@ -87,6 +108,23 @@ def newton_extrapolate(steps: Sequence[float], values: Sequence[torch.Tensor], t
     result = coeffs[-1]
     for i in range(n - 2, -1, -1):  # Horner in Newton form
         result = result * float(target - steps[i]) + coeffs[i]
+    return result
+
+
+def taylorseer_extrapolate(steps: Sequence[float], values: Sequence[torch.Tensor], target: float) -> torch.Tensor:
+    """F + D1 k + D2 k^2 / 2 at the newest step (``steps``/``values`` newest first; fewer
+    points, a lower order)."""
+    lead = float(target - steps[0])
+    derivatives = [values[0]]
+    if len(steps) > 1:
+        gap = float(steps[0] - steps[1])
+        derivatives.append((values[0] - values[1]) / gap)
+        if len(steps) > 2:
+            older_slope = (values[1] - values[2]) / float(steps[1] - steps[2])
+            derivatives.append((derivatives[1] - older_slope) / gap)
+    result = derivatives[0]
+    for power, derivative in enumerate(derivatives[1:], start=1):
+        result = result + derivative * (lead ** power / math.factorial(power))
     return result
 
 
@@ -114,6 +152,8 @@ def make_forecaster(kind: str, order: int = 1) -> Forecaster:
     check_choice("forecast", "forecast", kind, FORECASTS)
     if kind == "taylor":
         return TaylorForecast(order)
+    if kind == "taylorseer":
+        return TaylorSeerForecast(order)
     if kind == "foca":
         return FoCaForecast()
     return LastResidual()

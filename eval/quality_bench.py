@@ -32,6 +32,7 @@ from accel.base.cli_args import integer, output_path, set_threads
 
 from .metrics import psnr, ssim
 from .timing import interleaved
+from .work_count import WorkCounter, transformers
 
 Setup = Optional[Callable[[Any], Optional[Callable[[], None]]]]  # pipe -> undo (or None)
 
@@ -122,7 +123,7 @@ class QualityBench:
     """Runs one workload under different settings and reports each against a baseline run."""
 
     def __init__(self, workload: Workload, log: Callable[[str], None] = print, retime_every: int = 0,
-                 repeats: int = 1):
+                 repeats: int = 1, count_work: bool = False):
         """``retime_every``: re-time the baseline after that many rows (0: never) and compute
         speed-ups against the latest baseline timings, not only the first. On a shared CPU the
         machine's speed drifts by 10-20% over a long run (an exact no-op row measured 0.79x
@@ -132,6 +133,11 @@ class QualityBench:
         self.retime_every = retime_every
         # > 1: each row is timed that many times in turns with the baseline (eval/timing.py)
         self.repeats = repeats
+        # True: every row gets ``compute_fraction``, the block work it ran over the baseline's,
+        # counted by the same hooks for every method (eval/work_count.py)
+        self.count_work = count_work
+        self.last_work: Optional[int] = None
+        self.baseline_work: Optional[int] = None
         self._judge = None
         self.baseline_videos: Optional[torch.Tensor] = None
         self.baseline_seconds: Optional[float] = None
@@ -167,6 +173,7 @@ class QualityBench:
             best = seconds if best is None else min(best, seconds)
         self.baseline_videos, self.baseline_seconds = videos, best
         self.baseline_timings = [best]
+        self.baseline_work = self.last_work
         self._baseline_run = (setup, overrides)
         row = {"wall_seconds": round(best, 3)}
         if self.workload.specs is not None:
@@ -177,7 +184,13 @@ class QualityBench:
         """Generate with ``setup(pipe)`` applied (it returns the undo); always undone afterwards."""
         undo = setup(self.workload.pipe) if setup is not None else None
         try:
-            return self.generate(**overrides)
+            if not self.count_work:
+                return self.generate(**overrides)
+            counter = WorkCounter(*transformers(self.workload.pipe))
+            with counter.counting():
+                out = self.generate(**overrides)
+            self.last_work = counter.macs
+            return out
         finally:
             if undo is not None:
                 undo()
@@ -208,11 +221,14 @@ class QualityBench:
             self.log(f"warning: the baseline changed since its first run (PSNR {drift:.2f} dB against it)")
         return seconds, round(drift, 3)
 
-    def compare(self, videos: torch.Tensor, seconds: float) -> Dict[str, Any]:
+    def compare(self, videos: torch.Tensor, seconds: float, work: Optional[int] = None) -> Dict[str, Any]:
         if self.baseline_videos is None:
             raise RuntimeError("set_baseline() must run before compare()")
         pairs = list(zip(videos, self.baseline_videos))
-        return {
+        counted = {}
+        if self.count_work and self.baseline_work:
+            counted["compute_fraction"] = round((self.last_work if work is None else work) / self.baseline_work, 4)
+        return {**counted,
             "psnr": round(sum(psnr(a, b) for a, b in pairs) / len(pairs), 3),
             "ssim": round(sum(ssim(a, b) for a, b in pairs) / len(pairs), 5),
             "prompt_accuracy": self.prompt_accuracy(videos),
@@ -234,10 +250,17 @@ class QualityBench:
 
     def _measure_interleaved(self, fields: Dict[str, Any], setup: Setup, **overrides: Any) -> Dict[str, Any]:
         base_setup, base_overrides = self._baseline_run
-        _, (videos, _), timing = interleaved(lambda: self.run(base_setup, **base_overrides),
-                                             lambda: self.run(setup, **overrides), self.repeats)
+        works = []
+
+        def accelerated():
+            out = self.run(setup, **overrides)
+            works.append(self.last_work)
+            return out
+
+        _, (videos, _), timing = interleaved(lambda: self.run(base_setup, **base_overrides), accelerated,
+                                             self.repeats)
         measured = timing.as_dict()
-        row = {**fields, **self.compare(videos, measured["accelerated_seconds"]),
+        row = {**fields, **self.compare(videos, measured["accelerated_seconds"], works[-1]),
                "speedup": measured["speedup"], "speedup_spread": measured["speedup_spread"],
                "speedup_noisy": measured["noisy"]}
         self.log(json.dumps(row))

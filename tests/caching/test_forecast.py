@@ -92,3 +92,47 @@ def test_make_forecaster_validates():
         make_forecaster("taylor", 3)
     with pytest.raises(ValueError, match="forecast"):
         make_forecaster("spline")
+
+
+@pytest.mark.parametrize("gap", [2, 3, 4, 5])
+def test_taylor_order_2_is_not_worse_than_order_1_on_a_smooth_residual_sequence(gap):
+    """A residual that settles smoothly at the scale of the gaps (two exponential decays of at most
+    a tenth per step): at every lead inside the gap the quadratic forecast is at least as close as
+    the linear one. Not on every sequence: with decays of a quarter per step, or a slow
+    oscillation cos(0.15 s) added, the quadratic through points 4-5 steps apart overshoots
+    (docs/cache_forecasting.md)."""
+    import math
+
+    def at(step):
+        return {"hidden_states": BASE * math.exp(-0.05 * step) + 0.5 * math.exp(-0.1 * step)}
+
+    for start in (0, 3, 7):
+        hist = history(at, (start, start + gap, start + 2 * gap))
+        for lead in range(1, gap):
+            target = start + 2 * gap + lead
+            errors = [float((TaylorForecast(order).predict(hist, target)["hidden_states"]
+                             - at(target)["hidden_states"]).norm()) for order in (1, 2)]
+            assert errors[1] <= errors[0]
+
+
+@pytest.mark.parametrize("steps", [(0, 2, 4), (1, 2, 5), (3, 7, 8)])
+@pytest.mark.parametrize("target_offset", [1, 3])
+def test_taylorseer_is_exact_on_linear_and_its_order_1_is_taylors(steps, target_offset):
+    signal = polynomial([0.3, -0.7])
+    target = steps[-1] + target_offset
+    for order in (1, 2):
+        assert_exact(make_forecaster("taylorseer", order).predict(history(signal, steps), target), signal(target))
+    quadratic = history(polynomial([0.5, -0.2, 0.05]), steps)
+    assert_exact(make_forecaster("taylorseer", 1).predict(quadratic, target),
+                 TaylorForecast(1).predict(quadratic, target))
+
+
+@pytest.mark.parametrize("gap,lead", [(1, 1), (2, 1), (3, 2), (4, 4)])
+def test_taylorseer_order_2_follows_curvature_by_the_backward_differences(gap, lead):
+    """On s^2 from steps s0 - 2h, s0 - h, s0: D1 = 2 s0 - h, D2 = 2, so the forecast at s0 + k
+    is s0^2 + (2 s0 - h) k + k^2 = (s0 + k)^2 - h k: short by h k where the exact quadratic is exact."""
+    s0 = 9
+    square = polynomial([0.0, 0.0, 1.0])
+    predicted = make_forecaster("taylorseer", 2).predict(history(square, (s0 - 2 * gap, s0 - gap, s0)), s0 + lead)
+    expected = float((s0 + lead) ** 2 - gap * lead)
+    torch.testing.assert_close(predicted["hidden_states"], BASE * expected + expected)

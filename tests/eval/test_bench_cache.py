@@ -28,28 +28,36 @@ def test_bench_cache_writes_rows_for_ours_and_peers(tmp_path):
     assert all(r["compute_fraction"] < 0.5 and r["psnr"] < 100 for r in skipping)
     peers = {r["method"] for r in rows if r["source"] == "diffusers"}
     assert peers == {"FirstBlockCache", "PyramidAttentionBroadcast"}
+    for row in ours:  # the hooks' count and the engine's own agree
+        assert abs(row["compute_fraction"] - row["engine_compute_fraction"]) < 1e-3
     for row in rows:
         assert set(row) >= {"method", "source", "params", "compute_fraction"}
+        assert "skipped" in row or 0.0 < row["compute_fraction"] <= 1.0
         assert "skipped" in row or set(row) >= {"wall_speedup", "psnr", "ssim", "prompt_accuracy"}
 
 
-def _row(source, speedup, psnr):
-    return {"method": "m", "source": source, "params": {}, "wall_speedup": speedup, "psnr": psnr,
-            "prompt_accuracy": None}
+def _row(source, compute, psnr):
+    return {"method": "m", "source": source, "params": {}, "compute_fraction": compute, "wall_speedup": 1 / compute,
+            "psnr": psnr, "prompt_accuracy": None}
 
 
-def test_pareto_front_and_targets():
-    rows = [_row("accel", 2.5, 40.0), _row("accel", 3.2, 30.0), _row("diffusers", 2.6, 35.0),
-            _row("diffusers", 3.5, 29.0), _row("cache-dit", 1.5, 45.0), {"method": "x", "source": "diffusers",
-                                                                       "params": {}, "skipped": "no"}]
+def test_pareto_front_and_matched_compute_targets():
+    rows = [_row("accel", 0.5, 40.0), _row("accel", 0.3, 30.0), _row("diffusers", 0.45, 35.0),
+            _row("diffusers", 0.3, 29.5), _row("cache-dit", 0.8, 45.0), _row("diffusers", 0.2, 20.0),
+            {"method": "x", "source": "diffusers", "params": {}, "compute_fraction": None, "skipped": "no"}]
     front = pareto_front(rows)
-    assert [(r["wall_speedup"], r["psnr"]) for r in front] == [(3.5, 29.0), (3.2, 30.0), (2.6, 35.0),
-                                                                (2.5, 40.0), (1.5, 45.0)]
+    assert [(r["compute_fraction"], r["psnr"]) for r in front] == [(0.2, 20.0), (0.3, 30.0), (0.45, 35.0),
+                                                                    (0.5, 40.0), (0.8, 45.0)]
     result = targets(rows, None)
-    # at 2x ours is 40 dB at 2.5x; the best peer at >= 2.5x is 35 dB: met.
-    assert result["at_2x"]["met"] and result["at_2x"]["best_peer_at_same_or_higher_speedup"]["psnr"] == 35.0
-    # at 3x ours is 30 dB at 3.2x; the peer at 3.5x has 29 dB: ahead, but by less than the 2 dB required.
-    assert not result["at_3x"]["met"]
+    by_peer = {c["peer"]["compute_fraction"]: c for c in result["matched_compute"]}
+    assert set(by_peer) == {0.2, 0.3, 0.45}  # the 0.8 row is above the matched range, the skipped one has no PSNR
+    # at 0.45 (> 0.4) ours at no more compute is 30 dB at 0.3: 5 dB short
+    assert by_peer[0.45]["ours"]["psnr"] == 30.0 and not by_peer[0.45]["met"]
+    # at 0.3 (<= 0.4) ours is 0.5 dB ahead, but 1 dB is required
+    assert by_peer[0.3]["margin_db"] == 0.5 and by_peer[0.3]["required_db"] == 1.0 and not by_peer[0.3]["met"]
+    # at 0.2 we have nothing at no more compute
+    assert by_peer[0.2]["ours"] is None and not by_peer[0.2]["met"]
+    assert not result["all_met"] and result["worst"]["peer"]["compute_fraction"] == 0.2
 
 
 def test_bench_cache_rejects_bad_prompt_count(capsys):
