@@ -59,30 +59,32 @@ class LastResidual(Forecaster):
         return history[-1][1]
 
 
-class TaylorForecast(Forecaster):
+class _ThroughLastPoints(Forecaster):
+    """A forecast from the last ``order + 1`` computed steps by ``extrapolate(steps, values, step)``
+    (newest first), each stream on its own."""
+
     def __init__(self, order: int):
-        check_range("TaylorForecast", "order", order, 1, 2, integer=True)
+        check_range(type(self).__name__, "order", order, 1, 2, integer=True)
         self.order = order
         self.history_size = order + 1
+
+    @staticmethod
+    def extrapolate(steps: Sequence[float], values: Sequence[torch.Tensor], target: float) -> torch.Tensor:
+        raise NotImplementedError
 
     def predict(self, history: History, step: int) -> Residuals:
         points = list(history[-self.history_size:])[::-1]  # newest first
         steps = [s for s, _ in points]
-        return {name: _cast_like(newton_extrapolate(steps, [r[name].float() for _, r in points], step), ref)
+        return {name: _cast_like(self.extrapolate(steps, [r[name].float() for _, r in points], step), ref)
                 for name, ref in points[0][1].items()}
 
 
-class TaylorSeerForecast(Forecaster):
-    def __init__(self, order: int):
-        check_range("TaylorSeerForecast", "order", order, 1, 2, integer=True)
-        self.order = order
-        self.history_size = order + 1
+class TaylorForecast(_ThroughLastPoints):
+    extrapolate = staticmethod(lambda steps, values, target: newton_extrapolate(steps, values, target))
 
-    def predict(self, history: History, step: int) -> Residuals:
-        points = list(history[-self.history_size:])[::-1]  # newest first
-        steps = [s for s, _ in points]
-        return {name: _cast_like(taylorseer_extrapolate(steps, [r[name].float() for _, r in points], step), ref)
-                for name, ref in points[0][1].items()}
+
+class TaylorSeerForecast(_ThroughLastPoints):
+    extrapolate = staticmethod(lambda steps, values, target: taylorseer_extrapolate(steps, values, target))
 
 
 class FoCaForecast(Forecaster):
