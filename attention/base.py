@@ -19,6 +19,9 @@ class AttentionMethod(Method):
     """
 
     kind = "attention"
+    # Whether ``attend`` has a backward pass; methods without one run exact dense attention (one
+    # warning) on calls whose inputs require grad, so training through a patched model works.
+    differentiable = False
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -48,13 +51,19 @@ class AttentionMethod(Method):
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
             attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
         self.calls += 1
-        reason = self.unsupported(q, k, v, ctx, attn_mask)
+        reason = self._backward_reason(q, k, v) or self.unsupported(q, k, v, ctx, attn_mask)
         if reason is not None:
             self.fallback_calls += 1
             self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
             self.warn_once(f"falling back to dense attention: {reason}")
             return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return self.attend(q, k, v, ctx, attn_mask=attn_mask, scale=scale)
+
+    def _backward_reason(self, q, k, v) -> Optional[str]:
+        if self.differentiable or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad
+                                                                       or v.requires_grad):
+            return None
+        return "its inputs require grad and it has no backward pass; dense attention gives the exact gradient"
 
     def unsupported(self, q, k, v, ctx: AttnContext, attn_mask) -> Optional[str]:
         return None

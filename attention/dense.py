@@ -22,6 +22,7 @@ class DenseAttentionConfig:
 class DenseAttention(AttentionMethod):
     name = "dense"
     Config = DenseAttentionConfig
+    differentiable = True
 
     def attend(self, q, k, v, ctx, attn_mask=None, scale=None):
         return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)

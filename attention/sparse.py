@@ -73,6 +73,7 @@ class SparseAttention(AttentionMethod):
     """Base of the block-sparse methods; subclasses set ``name``, ``Config`` and ``Pattern``."""
 
     Pattern: ClassVar[type] = BlockPattern
+    differentiable = True  # through the pure-torch reference path (``_prepare``)
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -111,7 +112,16 @@ class SparseAttention(AttentionMethod):
             return None, reason
         backend = None
         if not self.dense_now(ctx):  # dense calls need no kernel
-            backend, reason = select_backend(q, self.config.backend, self.quantize_now(ctx), self.config.pv)
+            requested = self.config.backend
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+                if self.quantize_now(ctx):
+                    return None, "its inputs require grad and INT8 attention has no backward pass; dense attention " \
+                                 "gives the exact gradient"
+                # the kernels have no backward; the reference path computes the same sparse attention with one
+                self.warn_once("inputs require grad: these calls run the pure-torch reference path of the pattern "
+                               "(the same attention, with a backward pass; the kernels have none)")
+                requested = "torch"
+            backend, reason = select_backend(q, requested, self.quantize_now(ctx), self.config.pv)
             if reason is not None:
                 return None, reason
         keep = None

@@ -97,9 +97,13 @@ class DiffusersModel:
 def attach_engine(engine: CacheEngine, session: PatchSession) -> None:
     """Gate every block of the session's models; undone with the session's change log."""
     engine.step = session.step
+    for model in session.models:
+        refuse_diffusers_cache(model)
     hosts = [DiffusersModel(engine, model, session) for model in session.models]  # validate all first
     for host in hosts:
         engine.add_model(host.plan)
+        if hasattr(host.model, "enable_cache"):  # diffusers' CacheMixin: a second cache would gate our gates
+            session.changes.set_attr(host.model, "enable_cache", _refuse_enable_cache(host.model))
         for index, block in enumerate(host.blocks):
             gate_block(block, BlockGate(functools.partial(host.before, index), functools.partial(host.after, index)),
                        session.changes)
@@ -114,3 +118,21 @@ def _capturer(plan: CachedModel):
     def capture(module, args, output):
         plan.captured = output
     return capture
+
+
+def refuse_diffusers_cache(model: torch.nn.Module) -> None:
+    """Two caches on one model would both skip blocks: diffusers' own cache must be off first."""
+    if getattr(model, "is_cache_enabled", False):
+        raise ValueError(f"cache: {type(model).__name__} already has diffusers' cache enabled (enable_cache); two "
+                         f"caches would both skip its blocks. Call `pipe.transformer.disable_cache()` before "
+                         f"accel.patch, or patch without cache=")
+
+
+def _refuse_enable_cache(model: torch.nn.Module) -> Callable:
+    name = type(model).__name__
+
+    def enable_cache(*args: Any, **kwargs: Any) -> None:
+        raise ValueError(f"{name} is cached by accel (accel.patch with a cache); diffusers' enable_cache would cache "
+                         f"its blocks a second time. Call `handle.remove()` on accel's handle first, or patch "
+                         f"without cache=")
+    return enable_cache

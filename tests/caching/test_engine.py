@@ -234,3 +234,29 @@ def test_history_restarts_when_the_token_layout_changes():
     assert [s for s, _ in state.history] == [0, 1, 2] and state.history[-1][1]["hidden_states"].sum() == 8
     state.remember(3, {"hidden_states": torch.zeros(1, 9, 2)}, keep=3)
     assert [s for s, _ in state.history] == [3]
+
+
+def test_a_second_cache_from_diffusers_is_refused_both_ways():
+    """diffusers' enable_cache on a model accel caches, and accel's cache on a model diffusers
+    caches: a ValueError naming the conflict and the fix, and the model is left as it was."""
+    from diffusers import FirstBlockCacheConfig
+
+    import accel
+    from accel.caching import FBCacheConfig
+    from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+    pipe = build_tiny_pipeline("wan")
+    kwargs = {**tiny_call_kwargs("wan", steps=2), "output_type": "latent"}
+    reference = pipe(**kwargs).frames
+    handle = accel.patch(pipe, cache=FBCacheConfig(threshold=0.05))
+    with pytest.raises(ValueError, match=r"cached by accel.*handle\.remove\(\)"):
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    handle.remove()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))  # once removed, diffusers' own works
+    with pytest.raises(ValueError, match=r"cache: WanTransformer3DModel already has diffusers' cache.*disable_cache"):
+        accel.patch(pipe, cache=FBCacheConfig(threshold=0.05))
+    pipe.transformer.disable_cache()
+    assert torch.equal(pipe(**{**kwargs, "generator": tiny_call_kwargs("wan")["generator"]}).frames, reference)
+    with accel.patched(pipe, attention="dense"):  # attention alone composes with diffusers' cache
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        pipe.transformer.disable_cache()
