@@ -157,7 +157,8 @@ class SparseAttention(AttentionMethod):
             group_geom = geom if kept is None else dataclasses.replace(
                 geom, text_keys_kept=torch.nonzero(kept).view(-1))
             qg, kg, vg = (x if rows is None else x[rows] for x in (q, k, v))
-            plan = self.pattern.block_layout(qg, kg, ctx, group_geom, scale)
+            with torch.no_grad():  # which blocks to keep is a decision, not a function to differentiate
+                plan = self.pattern.block_layout(qg, kg, ctx, group_geom, scale)
             perm = plan.permutation
             inputs = (perm.permute_q(qg), perm.permute_kv(kg), perm.permute_kv(vg), plan.layout)
             if quantize:

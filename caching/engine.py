@@ -146,7 +146,8 @@ class CacheEngine:
         probe = Probe(step=step.step_index, num_steps=step.num_steps, branch=branch)
         call = CallState(branch=branch, state=state, probe=probe)
         if MODULATED_INPUT in self.rule.needs:
-            value = modulated_input()
+            with torch.no_grad():  # indicators decide; they are not differentiated (and must not be
+                value = modulated_input()  # saved for a checkpointed block's recompute)
             if value is None:
                 self.warn("this model has no TeaCache input hook; measuring the first block's input instead")
                 value = streams[plan.main_stream]
@@ -163,14 +164,16 @@ class CacheEngine:
             probe.span_input = main
         if FIRST_RESIDUAL in self.rule.needs:
             probe.first_residual = main - call.first_input
-        proposal = self.rule.propose(state.rule_state, probe)  # always: rules track every step
+        with torch.no_grad():
+            proposal = self.rule.propose(state.rule_state, probe)  # always: rules track every step
         residual = self._cfg_residual(plan, call, span_input)
         call.cfg_reused = residual is not None
         if residual is None and proposal and self._may_reuse(state, probe, span_input):
             residual = self.forecaster.predict(state.history, probe.step)
         call.residual = residual
         reused = residual is not None
-        self.rule.committed(state.rule_state, probe, reused)
+        with torch.no_grad():
+            self.rule.committed(state.rule_state, probe, reused)
         state.consecutive_reuses = state.consecutive_reuses + 1 if reused else 0
         span = plan.span_end - plan.span_start
         self.counters.record(call.branch, plan.num_blocks, span if reused else 0, call.cfg_reused)
@@ -206,7 +209,8 @@ class CacheEngine:
             residual = {name: output[name] - value for name, value in call.span_input.items()
                         if torch.is_tensor(value) and torch.is_tensor(output.get(name))}
             state.remember(probe.step, residual, self.forecaster.history_size)
-            self.rule.computed(state.rule_state, probe, output[plan.main_stream])
+            with torch.no_grad():
+                self.rule.computed(state.rule_state, probe, output[plan.main_stream])
             for observer in self.observers:
                 observer(SpanRecord(plan.model, probe, call.span_input, output, plan.main_stream))
         if self.config.cfg_reuse:

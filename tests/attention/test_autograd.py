@@ -99,3 +99,35 @@ def test_a_training_step_through_every_cache_rule_is_the_dense_one(training_call
             counters = handle.summary()["methods"]["cache"]["counters"]
         assert counters["compute_fraction"] == 1.0, type(config).__name__
         assert all(torch.equal(grad, reference[name]) for name, grad in patched.items()), type(config).__name__
+
+
+@pytest.mark.parametrize("setting", ["cluster", "teacache"])
+def test_gradient_checkpointing_recomputes_what_the_forward_ran(setting):
+    """A checkpointed block runs again in the backward pass; what accel decides inside it (the
+    cluster pattern's block choice, TeaCache's indicator) must save nothing for the backward, or
+    the recomputation differs from the forward and torch refuses it."""
+    from accel.caching import TeaCacheConfig
+
+    pipe = build_tiny_pipeline("wan")
+    captured = {}
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: (captured.setdefault("kwargs", dict(kwargs)), None)[1], with_kwargs=True)
+    with torch.no_grad():
+        pipe(**{**tiny_call_kwargs("wan", steps=2), "output_type": "latent"})
+    hook.remove()
+    kwargs = {k: v for k, v in captured["kwargs"].items() if k != "return_dict"}
+    model = pipe.transformer.train()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    patch = ({"attention": SPARSE_PATTERNS.get("cluster").Config(density=1.0, block_size=16, dense_warmup=0.0,
+                                                                 dense_layers=0)}
+             if setting == "cluster" else {"cache": TeaCacheConfig(threshold=0.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with accel.patched(pipe, **patch):
+            plain = gradients(model, kwargs)
+            model.enable_gradient_checkpointing()
+            checkpointed = gradients(model, kwargs)
+            model.disable_gradient_checkpointing()
+    for name, grad in checkpointed.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6)
