@@ -19,10 +19,16 @@ from accel.base.registry import MODEL_ADAPTERS
 from accel.caching import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig
 
 
+def _flat_magcache(cls) -> MagCacheConfig:
+    """MagCache needs a calibration for the model class (else accel refuses it): a flat one."""
+    return MagCacheConfig(threshold=0.0, calibration={"kind": "magcache", "model_class": cls.__name__, "num_steps": 3,
+                                                      "ratios": {"cond": [1.0] * 3}})
+
+
 def _settings():
     # caches that never reuse (thresholds no step can meet): what they add must change nothing
     never = {"fbcache": FBCacheConfig(threshold=0.0), "teacache": TeaCacheConfig(threshold=0.0),
-             "magcache": MagCacheConfig(threshold=0.0), "easycache": EasyCacheConfig(threshold=0.0),
+             "magcache": _flat_magcache, "easycache": EasyCacheConfig(threshold=0.0),
              "fixed": FixedCacheConfig(interval=1)}
     settings = {f"cache:{name}": {"cache": config} for name, config in never.items()}
     settings["attention:dense"] = {"attention": "dense"}
@@ -45,8 +51,9 @@ def _wrap(cls, setting, log):
         if type(self) is not cls:  # a subclass's own __init__ patches it
             return
         preset = setting.get("preset")
+        parts = {k: (v(cls) if callable(v) else v) for k, v in setting.items() if k != "preset"}
         try:
-            accel.patch(self, preset, **{k: v for k, v in setting.items() if k != "preset"})
+            accel.patch(self, preset, **parts)
             outcome = "patched"
         except ValueError as exc:  # a clear refusal (say, a model too small to cache)
             outcome = f"refused: {exc}"
