@@ -68,8 +68,7 @@ class _ThroughLastPoints(Forecaster):
         self.order = order
         self.history_size = order + 1
 
-    @staticmethod
-    def extrapolate(steps: Sequence[float], values: Sequence[torch.Tensor], target: float) -> torch.Tensor:
+    def extrapolate(self, steps: Sequence[float], values: Sequence[torch.Tensor], target: float) -> torch.Tensor:
         raise NotImplementedError
 
     def predict(self, history: History, step: int) -> Residuals:
@@ -80,11 +79,13 @@ class _ThroughLastPoints(Forecaster):
 
 
 class TaylorForecast(_ThroughLastPoints):
-    extrapolate = staticmethod(lambda steps, values, target: newton_extrapolate(steps, values, target))
+    def extrapolate(self, steps, values, target):
+        return newton_extrapolate(steps, values, target)
 
 
 class TaylorSeerForecast(_ThroughLastPoints):
-    extrapolate = staticmethod(lambda steps, values, target: taylorseer_extrapolate(steps, values, target))
+    def extrapolate(self, steps, values, target):
+        return taylorseer_extrapolate(steps, values, target)
 
 
 class FoCaForecast(Forecaster):
