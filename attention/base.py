@@ -11,6 +11,14 @@ from accel.base.method import Method, PatchSession
 from .intercept import dense_attention, install_router, watch_module
 
 
+NO_BACKWARD = "its inputs require grad and it has no backward pass; dense attention gives the exact gradient"
+
+
+def needs_backward(*tensors: torch.Tensor) -> bool:
+    """This call is recorded for a backward pass (training, not inference)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class AttentionMethod(Method):
     """Replaces the self/joint attention of every site the adapter lists.
 
@@ -60,10 +68,7 @@ class AttentionMethod(Method):
         return self.attend(q, k, v, ctx, attn_mask=attn_mask, scale=scale)
 
     def _backward_reason(self, q, k, v) -> Optional[str]:
-        if self.differentiable or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad
-                                                                       or v.requires_grad):
-            return None
-        return "its inputs require grad and it has no backward pass; dense attention gives the exact gradient"
+        return None if self.differentiable or not needs_backward(q, k, v) else NO_BACKWARD
 
     def unsupported(self, q, k, v, ctx: AttnContext, attn_mask) -> Optional[str]:
         return None

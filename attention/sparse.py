@@ -20,7 +20,7 @@ from accel.base.context import AttnContext
 from accel.base.registry import ATTENTION_METHODS
 from accel.attention.kernels import block_sparse_attention, quantized_block_sparse_attention, select_backend
 
-from .base import AttentionMethod
+from .base import NO_BACKWARD, AttentionMethod, needs_backward
 from .intercept import dense_attention
 from .patterns import SPARSE_PATTERNS, BlockPattern, Geometry, geometry_of
 
@@ -113,10 +113,9 @@ class SparseAttention(AttentionMethod):
         backend = None
         if not self.dense_now(ctx):  # dense calls need no kernel
             requested = self.config.backend
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-                if self.quantize_now(ctx):
-                    return None, "its inputs require grad and INT8 attention has no backward pass; dense attention " \
-                                 "gives the exact gradient"
+            if needs_backward(q, k):
+                if self.quantize_now(ctx):  # INT8 has no backward
+                    return None, NO_BACKWARD
                 # the kernels have no backward; the reference path computes the same sparse attention with one
                 self.warn_once("inputs require grad: these calls run the pure-torch reference path of the pattern "
                                "(the same attention, with a backward pass; the kernels have none)")
