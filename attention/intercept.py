@@ -13,6 +13,11 @@ How it works, and why it is shaped this way:
   keep the original path, bit for bit. The variable holds a stack, and each post-hook removes
   exactly the entry its pre-hook pushed: torch runs post-hooks in registration order, not in
   reverse, so restoring "the previous value" could leave a removed method routed.
+* A routed method's dense paths (its fallbacks, warm-up steps, dense layers, density 1.0) run the
+  caller's own kernel: diffusers' dispatcher with the backend and scale the processor passed
+  (``set_attention_backend``, ``attention_backend(...)``), so "falls back" is bit-identical to the
+  unpatched call under every backend. Where that backend is itself approximate (SageAttention),
+  the method still replaces it on the calls it takes, with one warning.
 """
 from __future__ import annotations
 
@@ -28,6 +33,12 @@ from accel.base.adapter import INVOKES_DISPATCH, INVOKES_SDPA, AttentionSite
 from accel.base.changes import ChangeLog, acquire_global
 from accel.base.context import AttnContext
 
+# The caller's own exact attention while a routed call runs, as (fn, whether fn takes a scale):
+# diffusers' dispatcher with the processor's backend, or ComfyUI's ``optimized_attention``, so that
+# a method's dense paths (dense method, warm-up steps, fallbacks) are exactly the caller's.
+_HOST_DENSE: contextvars.ContextVar[Optional[Tuple[Callable, bool]]] = contextvars.ContextVar(
+    "accel_host_dense", default=None)
+
 # (method, context) entries of the patched attention modules whose forward is running; the last wins.
 _ACTIVE: contextvars.ContextVar[Tuple[Tuple[Any, AttnContext], ...]] = contextvars.ContextVar(
     "accel_active_attention", default=()
@@ -39,18 +50,54 @@ def routed_entries() -> Tuple[Tuple[Any, AttnContext], ...]:
     return _ACTIVE.get()
 
 
-def _route(query, key, value, attn_mask, scale) -> Optional[torch.Tensor]:
-    """The method's output for a routed call, or None when no patched module is running."""
+def _route(query, key, value, attn_mask, scale, exact: Optional[Callable] = None) -> Optional[torch.Tensor]:
+    """The method's output for a routed call, or None when no patched module is running.
+
+    ``exact(q, k, v, attn_mask, scale)``: the caller's own kernel with the caller's arguments
+    (diffusers' dispatcher and the backend the processor asked for), which every dense path of the
+    method then runs, so a fallback is bit-identical to the unpatched call.
+    """
     active = _ACTIVE.get()
     if not active:
         return None
     method, ctx = active[-1]
-    # Clear while the method runs so its own dense fallback (SDPA) is not routed again.
+    # Clear while the method runs so its own dense fallback is not routed again.
     token = _ACTIVE.set(())
+    dense_token = _HOST_DENSE.set((exact, True)) if exact is not None else None
     try:
         return method.run(query, key, value, ctx, attn_mask=attn_mask, scale=scale)
     finally:
+        if dense_token is not None:
+            _HOST_DENSE.reset(dense_token)
         _ACTIVE.reset(token)
+
+
+# diffusers backends that are themselves approximate (quantized): a routed method replaces them on
+# the calls it takes, and its dense paths run them; said once per method.
+APPROXIMATE_BACKENDS = ("sage",)
+
+
+def _backend_name(backend: Any) -> Optional[str]:
+    """The diffusers backend a dispatch call will use: the one it names, else the active one."""
+    if backend is None:
+        try:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            backend = _AttentionBackendRegistry.get_active_backend()[0]
+        except (ImportError, AttributeError):
+            return None
+    return str(getattr(backend, "value", backend))
+
+
+def _warn_if_backend_approximate(backend: Any) -> None:
+    name = _backend_name(backend)
+    active = _ACTIVE.get()
+    if name is None or not active or not any(part in name for part in APPROXIMATE_BACKENDS):
+        return
+    method = active[-1][0]
+    if getattr(method, "name", None) != "dense":
+        method.warn_once(f"the transformer's attention backend {name!r} is itself approximate; accel's "
+                         f"{method.name!r} replaces it on the calls it routes, and its dense paths run {name!r}")
 
 
 def _dispatch_router(original: Callable) -> Callable:
@@ -58,7 +105,14 @@ def _dispatch_router(original: Callable) -> Callable:
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
         # Context parallelism, GQA and backend-specific kwargs stay on the original path.
         plain = not (dropout_p or is_causal or enable_gqa or attention_kwargs or parallel_config is not None)
-        out = _route(query, key, value, attn_mask, scale) if plain else None
+        out = None
+        if plain and _ACTIVE.get():
+            _warn_if_backend_approximate(backend)
+
+            def exact(q, k, v, mask, scale_):  # the processor's own dispatch, its backend included
+                return original(q, k, v, attn_mask=mask, scale=scale_, backend=backend)
+
+            out = _route(query, key, value, attn_mask, scale, exact)
         if out is not None:
             return out
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -125,16 +179,11 @@ def watch_module(site: AttentionSite, method: Any, make_context: Callable[[], At
     changes.keep_handle(site.module.register_forward_hook(leave, always_call=True))
 
 
-# The host's own exact attention while a routed call runs (ComfyUI's ``optimized_attention``, say),
-# so that a method's dense path (dense method, warm-up steps, fallbacks) is exactly the host's.
-_HOST_DENSE: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("accel_host_dense", default=None)
-
-
 @contextlib.contextmanager
 def host_dense_attention(fn: Callable) -> Iterator[None]:
     """While the block runs, ``dense_attention`` calls ``fn(q, k, v, attn_mask)`` ((B, S, H, D)
     tensors) instead of torch SDPA, for calls without a custom scale."""
-    token = _HOST_DENSE.set(fn)
+    token = _HOST_DENSE.set((fn, False))
     try:
         yield
     finally:
@@ -143,10 +192,12 @@ def host_dense_attention(fn: Callable) -> Iterator[None]:
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
-    """Exact attention for (B, S, H, D) inputs: the host's own where it gave one, else torch SDPA."""
+    """Exact attention for (B, S, H, D) inputs: the caller's own kernel where it gave one (the
+    dispatcher and backend a diffusers processor called, ComfyUI's attention), else torch SDPA."""
     host = _HOST_DENSE.get()
-    if host is not None and scale is None:
-        return host(query, key, value, attn_mask)
+    if host is not None and (scale is None or host[1]):
+        fn, takes_scale = host
+        return fn(query, key, value, attn_mask, scale) if takes_scale else fn(query, key, value, attn_mask)
     out = torch.nn.functional.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale)
     return out.transpose(1, 2)

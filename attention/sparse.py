@@ -79,7 +79,7 @@ class SparseAttention(AttentionMethod):
         super().__init__(config)
         self.pattern = self.Pattern(config)
         self.sparse_calls = 0
-        self.dense_calls = 0  # warm-up steps and dense first layers
+        self.dense_calls = 0  # warm-up steps, dense first layers, density 1.0
         self.quantized_calls = 0
         self.full_precision_calls = 0  # sparse calls that quantize="int8" kept unquantized
         self._density: Dict[Tuple[int, int], List[Any]] = {}  # (step, layer) -> [sum, calls]
@@ -136,7 +136,11 @@ class SparseAttention(AttentionMethod):
             ctx, self.config.full_precision_layers, self.config.full_precision_steps)
 
     def dense_now(self, ctx: AttnContext) -> bool:
-        """Dense first layers, and dense warm-up steps (by step_index / num_steps when known)."""
+        """Dense first layers, dense warm-up steps (by step_index / num_steps when known), and every
+        call at density 1.0 without quantization: keeping every block is dense attention, and the
+        caller's dense kernel computes it exactly where a block-sparse one would round differently."""
+        if self.config.density >= 1.0 and self.config.quantize == "none":
+            return True
         return leading_call(ctx, self.config.dense_layers, self.config.dense_warmup)
 
     def attend(self, q, k, v, ctx: AttnContext, attn_mask=None, scale=None):

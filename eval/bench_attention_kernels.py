@@ -12,6 +12,7 @@ each query block's diagonal key block (so no row is empty), then times:
   triton_int8     our quantized kernel, INT8 QK^T, PV in the input dtype (CUDA only)
   triton_int8fp8  the same with P and V in FP8 (CUDA capability 8.9+ only)
   sageattention   the PyPI package's sageattn, dense, when it imports (CUDA only)
+  xformers        xformers.ops.memory_efficient_attention, dense, where it has an operator
 Quantized rows also carry cosine_vs_fp32 / rel_l1_vs_fp32: their output against exact fp32
 attention under the same layout, on the spot-checked query blocks; the quantization pre-pass
 (unfused torch) is inside their timed call.
@@ -141,6 +142,15 @@ def _sageattention():
     return sageattn
 
 
+def _xformers():
+    """xformers' memory_efficient_attention, or None when it does not import."""
+    try:
+        from xformers.ops import memory_efficient_attention
+    except Exception:  # absent, or built for another torch/CUDA
+        return None
+    return memory_efficient_attention
+
+
 def run_attention_kernel_bench(device: str, shapes: list, densities=(1.0, 0.5, 0.25, 0.1),
                                dtype: torch.dtype | None = None, repeats: int = 10) -> list[dict]:
     """Time every available backend for each named shape and density; one dict per measurement."""
@@ -194,6 +204,17 @@ def run_attention_kernel_bench(device: str, shapes: list, densities=(1.0, 0.5, 0
                     add_row("sageattention", 1.0, _time_ms(run_sage, device, repeats), **extra)
             except Exception as error:  # an old Triton kernel may not compile on this GPU/Triton
                 print(f"[{shape_name}] sageattention unavailable: {str(error).splitlines()[0][:120]}")
+
+        xformers_attention = _xformers()
+        if xformers_attention is not None:
+            try:
+                with torch.no_grad():
+                    out = xformers_attention(q, k, v)  # (B, S, H, D): its layout is ours
+                    extra = {} if sdpa_out is None else {
+                        "max_abs_err_vs_sdpa": (out.float() - sdpa_out.float()).abs().max().item()}
+                    add_row("xformers", 1.0, _time_ms(lambda: xformers_attention(q, k, v), device, repeats), **extra)
+            except (NotImplementedError, RuntimeError) as error:  # no operator for this device/dtype
+                print(f"[{shape_name}] xformers unavailable: {str(error).splitlines()[0][:120]}")
 
         for density in densities:
             layout = random_layout(seq, heads, shape["block"], density, device)
