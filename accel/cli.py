@@ -69,10 +69,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 CALIBRATE_USAGE = """usage: accel calibrate --cache teacache|magcache --model MODEL --steps N --out FILE [options]
+       accel calibrate --cache fixed --budget K --model MODEL --steps N --out FILE [options]
        accel calibrate --solver dss --model MODEL --steps N [N ...] --out FILE [options]
 
-Fit what a method loads for one model: a TeaCache polynomial or MagCache ratios (--cache), or a
-learned DSS solver (--solver). `accel calibrate --cache teacache --help` lists the options of one."""
+Fit what a method loads for one model: a TeaCache polynomial, MagCache ratios or a fixed cache's
+searched compute steps (--cache), or a learned DSS solver (--solver). `accel calibrate --cache teacache --help` lists the options of one."""
 
 
 def _calibrate(rest: List[str]) -> int:
@@ -88,7 +89,7 @@ def _calibrate(rest: List[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(CALIBRATE_USAGE)
         return 0
-    print("accel calibrate: error: say what to calibrate: --cache teacache|magcache ... or --solver dss ...",
+    print("accel calibrate: error: say what to calibrate: --cache teacache|magcache|fixed ... or --solver dss ...",
           file=sys.stderr)
     return 2
 
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands everything after "calibrate" to the chosen calibration,
     # because argparse cannot pass through a remainder that starts with an option.
-    sub.add_parser("calibrate", help="fit cache (--cache teacache|magcache) or solver (--solver dss) "
+    sub.add_parser("calibrate", help="fit cache (--cache teacache|magcache|fixed) or solver (--solver dss) "
                                      "calibrations for a registered model")
 
     for name, what in RESERVED.items():

@@ -1,14 +1,16 @@
-"""Calibration artifacts (TeaCache polynomials, MagCache ratios): format, loading and checks.
+"""Calibration artifacts (TeaCache polynomials, MagCache ratios, a fixed cache's searched compute
+steps): format, loading and checks.
 
 ``distill/cache_calibration.py`` fits and writes them; cache configs load them here. An artifact
 is a small JSON object::
 
-    {"format": 1, "kind": "teacache" | "magcache", "model_class": "WanTransformer3DModel",
+    {"format": 1, "kind": "teacache" | "magcache" | "fixed", "model_class": "WanTransformer3DModel",
      "model_fingerprint": "3f1c...",                  # accel.base.adapter.config_fingerprint
      "family": "wan", "num_steps": 50, "resolution": {...}, "token_grid": [T, H, W],
      "first_blocks": 0, "last_blocks": 0, "prompts": 4,
      "coefficients": [c4, c3, c2, c1, c0]             # teacache, highest power first
      "ratios": {"cond": [...], "uncond": [...]}}      # magcache, one ratio per step
+     "compute_steps": [0, 2, 5, ...], "forecast": "taylorseer", "order": 2}   # fixed
 
 A fitted curve or ratio table is only valid for the model and the step count it was fitted with
 (the per-step change grows as steps get fewer); attaching refuses another model class, another
@@ -26,7 +28,7 @@ from accel.base.artifacts import as_float_list, as_int, read_json_object, requir
 
 FORMAT_VERSION = 1
 MAX_STEPS = 10_000
-KINDS = ("teacache", "magcache")
+KINDS = ("teacache", "magcache", "fixed")
 CalibrationSource = Union[str, "os.PathLike[str]", Mapping[str, Any], "CacheCalibration"]
 
 
@@ -37,6 +39,7 @@ class CacheCalibration:
     num_steps: int
     coefficients: Optional[Tuple[float, ...]] = None
     ratios: Optional[Dict[str, Tuple[float, ...]]] = None
+    compute_steps: Optional[Tuple[int, ...]] = None  # fixed: the steps that compute
     source: str = "<dict>"
     meta: Dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -99,8 +102,10 @@ def _parse(data: Dict[str, Any], source: str) -> CacheCalibration:
     model_class = required(data, "model_class", where)
     if not isinstance(model_class, str) or not model_class:
         raise ValueError(f"{where}: model_class must be a class name, got {model_class!r}")
-    coefficients = ratios = None
-    if kind == "teacache":
+    coefficients = ratios = compute_steps = None
+    if kind == "fixed":
+        compute_steps = _parse_schedule(data, where, num_steps)
+    elif kind == "teacache":
         coefficients = tuple(as_float_list(required(data, "coefficients", where), where, "coefficients"))
         if not 1 <= len(coefficients) <= 10:
             raise ValueError(f"{where}: 1 to 10 coefficients expected, got {len(coefficients)}")
@@ -114,9 +119,25 @@ def _parse(data: Dict[str, Any], source: str) -> CacheCalibration:
         for branch, values in ratios.items():
             if len(values) != num_steps:
                 raise ValueError(f"{where}: branch {branch!r} has {len(values)} ratios for {num_steps} steps")
-    meta = {k: v for k, v in data.items() if k not in ("kind", "model_class", "num_steps", "coefficients", "ratios")}
-    return CacheCalibration(kind=kind, model_class=model_class, num_steps=num_steps,
-                            coefficients=coefficients, ratios=ratios, source=source, meta=meta)
+    meta = {k: v for k, v in data.items()
+            if k not in ("kind", "model_class", "num_steps", "coefficients", "ratios", "compute_steps")}
+    return CacheCalibration(kind=kind, model_class=model_class, num_steps=num_steps, coefficients=coefficients,
+                            ratios=ratios, compute_steps=compute_steps, source=source, meta=meta)
+
+
+def _parse_schedule(data: Dict[str, Any], where: str, num_steps: int) -> Tuple[int, ...]:
+    from .forecast import FORECASTS
+
+    raw = required(data, "compute_steps", where)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{where}: compute_steps must be a non-empty list of step indices")
+    steps = tuple(as_int(s, where, "compute_steps", 0, num_steps - 1) for s in raw)
+    if list(steps) != sorted(set(steps)):
+        raise ValueError(f"{where}: compute_steps must be increasing without repeats, got {list(steps)}")
+    if required(data, "forecast", where) not in FORECASTS:
+        raise ValueError(f"{where}: forecast must be one of {FORECASTS}, got {data['forecast']!r}")
+    as_int(required(data, "order", where), where, "order", 1, 2)
+    return steps
 
 
 def save_calibration(artifact: Mapping[str, Any], path: Union[str, "os.PathLike[str]"]) -> None:

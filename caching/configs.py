@@ -156,18 +156,36 @@ class EasyCacheConfig(CacheConfig):
         _check_threshold(self)
 
 
+SCHEDULES = ("uniform", "searched", "auto")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FixedCacheConfig(CacheConfig):
     """Compute every ``interval``-th step, or exactly the steps in ``compute_steps`` (the step
     mask form); warm-up and final steps are computed either way. The defaults are the ``balanced``
-    preset's: every 2nd step, the others forecast to first order."""
+    preset's: every 2nd step (or a searched schedule of as many steps, where one is shipped for the
+    model), the others forecast by TaylorSeer's second-order expansion.
+
+    schedule: "uniform" (every ``interval``-th step), "searched" (as many computed steps as the
+        uniform schedule, placed where ``accel calibrate --cache fixed`` found them best: the
+        ``calibration`` given, else one shipped for this model, step count, budget and forecast
+        that computes the warm-up and final steps; without one, uniform with a warning) or "auto" (searched when one fits, else uniform
+        quietly). ``Handle.summary()`` says which ran.
+    calibration: a searched schedule (a ``fixed`` artifact, path or dict) to run; its compute
+        steps replace the interval.
+    """
 
     interval: int = 2
-    forecast: str = "taylor"
+    forecast: str = "taylorseer"
+    order: int = 2
     compute_steps: Optional[Tuple[int, ...]] = None
+    schedule: str = "auto"
+    calibration: Optional[CalibrationSource] = None
 
     def _check(self) -> None:
         check_range("FixedCacheConfig", "interval", self.interval, 1, integer=True)
+        check_choice("FixedCacheConfig", "schedule", self.schedule, SCHEDULES)
+        check_calibration_source("FixedCacheConfig", self.calibration)
         if self.compute_steps is not None:
             if not isinstance(self.compute_steps, (tuple, list)):
                 raise ValueError(f"FixedCacheConfig.compute_steps must be a sequence of step indices, "
@@ -175,3 +193,6 @@ class FixedCacheConfig(CacheConfig):
             for step in self.compute_steps:
                 check_range("FixedCacheConfig", "compute_steps", step, 0, integer=True)
             object.__setattr__(self, "compute_steps", tuple(self.compute_steps))
+            if self.calibration is not None or self.schedule == "searched":
+                raise ValueError("FixedCacheConfig: give compute_steps, or a searched schedule (calibration / "
+                                 "schedule='searched'), not both")

@@ -50,7 +50,8 @@ class ResidualCache(Method):
         source = getattr(config, "calibration", None)
         self.calibration: Optional[CacheCalibration] = (
             None if source is None else load_calibration(source, self.name))
-        self.shipped: Dict[int, CacheCalibration] = {}  # step count -> a calibration shipped for this model
+        self.shipped_list: List[CacheCalibration] = []  # calibrations shipped for this model
+        self.shipped: Dict[int, CacheCalibration] = {}  # step count -> one of them
 
     def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
         raise NotImplementedError
@@ -61,7 +62,8 @@ class ResidualCache(Method):
             for model in session.models:
                 self.calibration.check_model(type(model).__name__, fingerprint)
         elif self.calibrated and self.wants_calibration():
-            self.shipped = {c.num_steps: c for c in self.shipped_calibrations(session, fingerprint)}
+            self.shipped_list = self.shipped_calibrations(session, fingerprint)
+            self.shipped = {c.num_steps: c for c in self.shipped_list}
         self.session = session
         self.engine = CacheEngine(self.config, self.make_rule(session, self.calibration), warn=self.warn_once,
                                   rule_for_loop=self.rule_for_loop)
@@ -175,8 +177,66 @@ class EasyCache(ResidualCache):
 
 @CACHE_METHODS.register("fixed")
 class FixedCache(ResidualCache):
+    """Every ``interval``-th step computes, or a searched schedule of as many computed steps
+    (``schedule``/``calibration``: a shipped or given ``fixed`` artifact for the loop's step count
+    and forecast)."""
+
     name = "fixed"
     Config = FixedCacheConfig
+    calibrated = True
+    artifact_field = "calibration"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.schedule_used = "uniform"
+
+    def wants_calibration(self) -> bool:
+        return self.config.schedule != "uniform" and self.config.compute_steps is None
 
     def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
+        if calibration is not None:
+            self.schedule_used = f"searched ({calibration.source})"
+            return FixedRule(self.config.interval, calibration.compute_steps)
+        self.schedule_used = "uniform" if self.config.compute_steps is None else "compute_steps"
         return FixedRule(self.config.interval, self.config.compute_steps)
+
+    def rule_for_loop(self, num_steps: Optional[int]) -> Optional[Rule]:
+        if self.calibration is not None or not self.wants_calibration() or num_steps is None:
+            return super().rule_for_loop(num_steps)
+        config = self.config
+        uniform = uniform_compute_steps(config, num_steps)
+        budget = len(uniform)
+        # the steps the engine computes whatever the schedule says (warm-up, final steps)
+        forced = {s for s in range(num_steps) if s < max(1, config.warmup_for(num_steps))
+                  or s >= num_steps - config.final_steps}
+        fitting = [c for c in self.shipped_list if c.num_steps == num_steps and len(c.compute_steps) == budget
+                   and forced <= set(c.compute_steps)
+                   and (c.meta.get("forecast"), c.meta.get("order")) == (config.forecast, config.order)]
+        if not fitting and config.schedule == "searched":
+            self.warn_once(f"no searched schedule for this model with {budget} computed steps of {num_steps} and "
+                           f"forecast={config.forecast!r}, order={config.order} (shipped: "
+                           f"{[(c.num_steps, len(c.compute_steps)) for c in self.shipped_list] or 'none'}); "
+                           f"computing one step in {config.interval}. `accel calibrate --cache fixed --budget "
+                           f"{budget} --steps {num_steps}` searches one")
+        if fitting:
+            return self.make_rule(self.session, fitting[0])
+        # back to the uniform rule only when an earlier loop ran a searched one
+        return self.make_rule(self.session, None) if self.schedule_used.startswith("searched") else None
+
+    def counters(self) -> Dict[str, Any]:
+        counters = super().counters()
+        return {**counters, "schedule": self.schedule_used} if counters else counters
+
+
+def uniform_compute_steps(config: FixedCacheConfig, num_steps: int) -> List[int]:
+    """The steps a uniform fixed cache computes in a loop of ``num_steps``, the engine's gates
+    (warm-up, final steps, the consecutive-reuse cap) included."""
+    warmup, computed, reuses = max(1, config.warmup_for(num_steps)), [], 0
+    for step in range(num_steps):
+        capped = config.max_consecutive_reuses is not None and reuses >= config.max_consecutive_reuses
+        if warmup <= step < num_steps - config.final_steps and step % config.interval and not capped:
+            reuses += 1
+        else:
+            computed.append(step)
+            reuses = 0
+    return computed

@@ -1,4 +1,5 @@
-"""Fit cache calibrations from runs of a registered model: TeaCache polynomials, MagCache ratios.
+"""Fit cache calibrations from runs of a registered model: TeaCache polynomials, MagCache ratios
+(and, through ``distill/schedule_search.py``, a fixed cache's searched compute steps).
 
 Both run the pipeline densely with the cache engine attached in record-only mode (threshold 0,
 so every step computes and the output is the dense output), and watch the cached span of every
@@ -11,7 +12,7 @@ call:
 * MagCache: per step t and branch, the mean over tokens of |R_t| / |R_(t-1)| (per-token L2 norm)
   of the cached span's residual R, averaged over prompts; step 0 is 1.
 
-``main(argv)`` is ``accel calibrate --cache teacache|magcache --model tiny:wan|reference|PATH ...``;
+``main(argv)`` is ``accel calibrate --cache teacache|magcache|fixed --model tiny:wan|reference|PATH ...``;
 ``--model reference`` runs the reference model at its default size and guidance on training-set
 captions (the shipped artifacts in ``pipelines/reference/calibration/`` come from it).
 """
@@ -88,25 +89,30 @@ def _record(pipe: Any, prompts: Sequence[str], steps: int, call_kwargs: Optional
             kwargs.setdefault("output_type", "latent")  # the VAE decode tells the cache nothing
             with torch.no_grad():
                 pipe(**kwargs)
-        session = handle.session
-        model = session.models[0]
-        layout = session.layout_of(model)
-        meta = {
-            "format": FORMAT_VERSION,
-            "kind": None,  # filled by the caller
-            "model_class": type(model).__name__,
-            "model_fingerprint": config_fingerprint(session.models),
-            "family": session.adapter.family,
-            "num_steps": steps,
-            "resolution": {k: call_kwargs[k] for k in ("height", "width", "num_frames") if k in (call_kwargs or {})},
-            "token_grid": list(layout.grid) if layout.grid else None,
-            "prompts": len(prompts),
-            "first_blocks": first_blocks,
-            "last_blocks": last_blocks,
-        }
+        meta = artifact_meta(handle.session, steps, call_kwargs, len(prompts), first_blocks, last_blocks)
     finally:
         handle.remove()
     return recorder, meta
+
+
+def artifact_meta(session: Any, steps: int, call_kwargs: Optional[Dict[str, Any]], prompts: int,
+                  first_blocks: int, last_blocks: int) -> Dict[str, Any]:
+    """The fields every cache calibration records about the model and run it was fitted on."""
+    model = session.models[0]
+    layout = session.layout_of(model)
+    return {
+        "format": FORMAT_VERSION,
+        "kind": None,  # filled by the caller
+        "model_class": type(model).__name__,
+        "model_fingerprint": config_fingerprint(session.models),
+        "family": session.adapter.family,
+        "num_steps": steps,
+        "resolution": {k: call_kwargs[k] for k in ("height", "width", "num_frames") if k in (call_kwargs or {})},
+        "token_grid": list(layout.grid) if layout.grid else None,
+        "prompts": prompts,
+        "first_blocks": first_blocks,
+        "last_blocks": last_blocks,
+    }
 
 
 def fit_polynomial(pairs: Sequence[Tuple[float, float]], degree: int = 4) -> Tuple[List[float], float]:
@@ -155,8 +161,9 @@ def calibrate_magcache(pipe: Any, prompts: Sequence[str], steps: int, *, call_kw
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel calibrate", description=(
-        "Fit a cache calibration (TeaCache polynomial or MagCache ratios) for a registered model."))
-    parser.add_argument("--cache", required=True, choices=("teacache", "magcache"))
+        "Fit a cache calibration for a registered model: a TeaCache polynomial, MagCache ratios, or the "
+        "searched compute steps of a fixed cache (--cache fixed --budget K)."))
+    parser.add_argument("--cache", required=True, choices=("teacache", "magcache", "fixed"))
     parser.add_argument("--model", required=True,
                         help="tiny:FAMILY (offline test pipelines), reference (the trained reference model), "
                              "or a local pipeline folder / cached hub id")
@@ -174,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-blocks", type=integer(0), default=0,
                         help="blocks kept out of the cached span at the start")
     parser.add_argument("--last-blocks", type=integer(0), default=0, help="blocks kept out of the cached span at the end")
+    parser.add_argument("--budget", type=integer(1),
+                        help="with --cache fixed: how many of the --steps steps compute (the rest are forecast)")
+    parser.add_argument("--forecast", default="taylorseer", help="with --cache fixed: the forecast searched for")
+    parser.add_argument("--order", type=integer(1, 2), default=2, help="with --cache fixed: the forecast's order")
+    parser.add_argument("--max-evaluations", type=integer(1), default=80,
+                        help="with --cache fixed: at most this many masks tried (one generation per prompt each)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=integer(1), help="CPU threads (default: the cores not already busy)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
@@ -223,6 +236,19 @@ def _load_pipeline(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     return pipe, kwargs
 
 
+def _search_schedule(args: argparse.Namespace, pipe: Any, prompts: List[str],
+                     call_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    from .schedule_search import search_schedule
+
+    if args.budget is None:
+        raise ValueError("--cache fixed needs --budget K: how many of the --steps steps compute")
+    if args.first_blocks or args.last_blocks:
+        raise ValueError("--cache fixed searches whole-step schedules; --first-blocks/--last-blocks do not apply")
+    return search_schedule(pipe, prompts, args.steps, args.budget, forecast=args.forecast, order=args.order,
+                           call_kwargs=call_kwargs, seed=args.seed, max_evaluations=args.max_evaluations,
+                           out=args.out, log=lambda message: print(f"[calibrate fixed] {message}", flush=True))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     set_threads(args.threads)
@@ -234,14 +260,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for option, key in (("height", "height"), ("width", "width"), ("frames", "num_frames")):
             if getattr(args, option) is not None:
                 call_kwargs[key] = getattr(args, option)
-        calibrate = calibrate_teacache if args.cache == "teacache" else calibrate_magcache
-        artifact = calibrate(pipe, prompts, args.steps, call_kwargs=call_kwargs, first_blocks=args.first_blocks,
-                             last_blocks=args.last_blocks, out=args.out)
+        if args.cache == "fixed":
+            artifact = _search_schedule(args, pipe, prompts, call_kwargs)
+        else:
+            calibrate = calibrate_teacache if args.cache == "teacache" else calibrate_magcache
+            artifact = calibrate(pipe, prompts, args.steps, call_kwargs=call_kwargs, first_blocks=args.first_blocks,
+                                 last_blocks=args.last_blocks, out=args.out)
     except (ValueError, OSError) as exc:
         print(f"accel calibrate: error: {exc}", file=sys.stderr)
         return 2
-    detail = (f"coefficients {['%.4g' % c for c in artifact['coefficients']]}" if args.cache == "teacache"
-              else f"ratios for branches {sorted(artifact['ratios'])}")
+    detail = {"teacache": lambda: f"coefficients {['%.4g' % c for c in artifact['coefficients']]}",
+              "magcache": lambda: f"ratios for branches {sorted(artifact['ratios'])}",
+              "fixed": lambda: (f"compute steps {artifact['compute_steps']} ({artifact['search']['score_db']} dB "
+                                f"against dense; evenly spaced: {artifact['search']['start_score_db']} dB)")}[args.cache]()
     print(f"accel calibrate: {args.cache} for {artifact['model_class']} at {args.steps} steps, "
           f"{len(prompts)} prompt(s): {detail} -> {args.out}")
     return 0

@@ -45,13 +45,19 @@ ACCEL_SWEEP = (
     + [("magcache", {"threshold": t}) for t in (0.12, 0.24)]
     + [("magcache", {"threshold": 0.24, "max_consecutive_reuses": 4, "warmup_ratio": 0.1})]
     + [("easycache", {"threshold": t}) for t in (0.1, 0.2)]
-    + [("fixed", {"interval": 2, "forecast": "none"})]
-    + [("fixed", {"interval": n, "forecast": "taylor", "order": o}) for n in (2, 3, 4, 5) for o in (1, 2)]
-    + [("fixed", {"interval": n, "forecast": "taylorseer", "order": 2}) for n in (2, 3, 4, 5)]
-    + [("fixed", {"interval": n, "forecast": "foca"}) for n in (2, 3, 4, 5)]
+    + [("fixed", {"interval": 2, "forecast": "none", "schedule": "uniform"})]
+    + [("fixed", {"interval": n, "forecast": "taylor", "order": o, "schedule": "uniform"})
+       for n in (2, 3, 4, 5) for o in (1, 2)]
+    + [("fixed", {"interval": n, "forecast": "taylorseer", "order": 2, "schedule": "uniform"}) for n in (2, 3, 4, 5)]
+    + [("fixed", {"interval": n, "forecast": "foca", "schedule": "uniform"}) for n in (2, 3, 4, 5)]
     # interval 5 with a second warm-up step: the same 6 of 25 computed steps as diffusers' interval 5
-    + [("fixed", {"interval": 5, "warmup_steps": 2, "forecast": f, "order": o})
+    + [("fixed", {"interval": 5, "warmup_steps": 2, "forecast": f, "order": o, "schedule": "uniform"})
        for f, o in (("taylor", 1), ("taylorseer", 2))]
+    # as many computed steps as the uniform rows above, placed by `accel calibrate --cache fixed`
+    # (searched on training captions; shipped for the reference model, uniform with a warning elsewhere)
+    + [("fixed", {"interval": n, "forecast": "taylorseer", "order": 2, "schedule": "searched"}) for n in (2, 3, 4)]
+    # 6 of 25 steps (no interval gives that count with one warm-up step): the shipped artifact by name
+    + [("fixed", {"calibration": "fixed-25-6.json", "forecast": "taylorseer", "order": 2})]
     # adaptive rules with a forecast of the reused steps
     + [("magcache", {"threshold": 0.24, "max_consecutive_reuses": 4, "warmup_ratio": 0.1, "forecast": f, "order": o})
        for f, o in (("taylor", 1), ("taylorseer", 2))]
@@ -69,12 +75,35 @@ def accel_rows(bench: QualityBench, calibrations: Dict[str, Any], only=None) -> 
         if only and method not in only:
             continue
         extra = {"calibration": calibrations[method]} if method in calibrations else {}
-        setup = patch_setup(cache=classes[method](**params, **extra))
+        if method == "fixed" and "calibration" in params:  # a shipped schedule, named by its file
+            extra = {"calibration": shipped_calibration(bench, params["calibration"])}
+            if extra["calibration"] is None:
+                continue
+            params_for_config = {k: v for k, v in params.items() if k != "calibration"}
+        else:
+            params_for_config = params
+        setup = patch_setup(cache=classes[method](**params_for_config, **extra))
         row = bench.measure({"method": method, "source": "accel", "params": params}, setup)
         # the engine's own count (blocks run / dense), next to the hook count every row has
-        row["engine_compute_fraction"] = setup.summary["methods"]["cache"]["counters"]["compute_fraction"]
+        counters = setup.summary["methods"]["cache"]["counters"]
+        row["engine_compute_fraction"] = counters["compute_fraction"]
+        if "schedule" in counters:  # which steps a fixed cache computed: uniform, or the searched artifact
+            row["schedule"] = counters["schedule"]
         rows.append(row)
     return rows
+
+
+def shipped_calibration(bench: QualityBench, name: str) -> Optional[str]:
+    """The path of a calibration shipped for the bench's model (None for another model)."""
+    import os
+
+    from accel.api import adapter_for
+
+    for folder in adapter_for(bench.workload.pipe.transformer).artifact_dirs:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and bench.workload.description.get("model") == "reference Wan model":
+            return path
+    return None
 
 
 def fit_calibrations(bench: QualityBench, prompts: int = 4) -> Dict[str, Any]:

@@ -125,3 +125,31 @@ def test_dss_by_name_runs_the_shipped_artifact_for_the_step_count_and_a_path_nam
     with accel.patched(pipe, cache=os.path.join(build.CALIBRATION_DIR, "teacache-25.json")) as handle:
         assert handle.methods["cache"].name == "teacache" and handle.methods["cache"].calibration is not None
 
+
+
+@pytest.mark.parametrize("interval,budget", [(2, 13), (3, 9)])
+def test_fixed_cache_runs_the_schedule_searched_for_its_budget(pipe, dense_video, interval, budget):
+    """``fixed`` (schedule="auto") computes the steps of the shipped searched schedule with as many
+    computed steps as its interval's uniform schedule; at another step count, the uniform one, quietly."""
+    import json
+    import warnings
+
+    import accel
+    from accel.eval.metrics import psnr
+
+    path = os.path.join(build.CALIBRATION_DIR, f"fixed-25-{budget}.json")
+    with open(path) as fh:
+        searched = json.load(fh)["compute_steps"]
+    with accel.patched(pipe, cache={"name": "fixed", "interval": interval}) as handle:
+        video = build.generate(pipe)
+        counters = handle.summary()["methods"]["cache"]["counters"]
+        computed = sorted(handle.methods["cache"].engine.rule.compute_steps)
+    assert counters["schedule"] == f"searched ({path})" and computed == searched, counters
+    assert counters["steps_reused"]["cond"] == 25 - budget, counters
+    assert 30 < psnr(video, dense_video) < 100
+    with warnings.catch_warnings(record=True) as caught, \
+            accel.patched(pipe, cache={"name": "fixed", "interval": interval}) as handle:
+        warnings.simplefilter("always")
+        build.generate(pipe, num_inference_steps=10)
+        assert handle.summary()["methods"]["cache"]["counters"]["schedule"] == "uniform"
+    assert not [w for w in caught if "schedule" in str(w.message)]
