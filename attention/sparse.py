@@ -60,6 +60,10 @@ def text_padding_keep(attn_mask: torch.Tensor, geom: Geometry, batch: int, kv_le
     return (None if bool(text.all()) else text), None
 
 
+# A realised density above this multiple of the request is reported in the summary's warnings.
+OVER_DENSITY = 1.5
+
+
 class Prepared(NamedTuple):
     """One call as ``unsupported`` found it runnable: ``attend`` reuses it instead of deciding again."""
 
@@ -84,6 +88,7 @@ class SparseAttention(AttentionMethod):
         self.full_precision_calls = 0  # sparse calls that quantize="int8" kept unquantized
         self._density: Dict[Tuple[int, int], List[Any]] = {}  # (step, layer) -> [sum, calls]
         self._prepared: Optional[Prepared] = None  # what unsupported() found, for attend()
+        self._sparse_density: Any = 0.0  # summed realised density of the sparse calls (a device tensor)
 
     # -- one call -------------------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class SparseAttention(AttentionMethod):
             outputs.append(perm.restore(out))
             densities.append(plan.density)
         self.sparse_calls += 1
+        self._sparse_density = self._sparse_density + sum(densities) / len(densities)
         if quantize:
             self.quantized_calls += 1
         elif self.config.quantize != "none":
@@ -199,6 +205,18 @@ class SparseAttention(AttentionMethod):
         """Mean realised density per (step, layer), over heads, batch items and calls."""
         return {key: float(total) / calls for key, (total, calls) in sorted(self._density.items())}
 
+    def sparse_mean_density(self) -> Optional[float]:
+        """Mean realised density of the calls that ran sparse (dense warm-up and layers left out)."""
+        return round(float(self._sparse_density) / self.sparse_calls, 4) if self.sparse_calls else None
+
+    def idle_warning(self) -> Optional[str]:
+        said = super().idle_warning()
+        realised, asked = self.sparse_mean_density(), getattr(self.config, "density", None)  # int8 asks none
+        if said is None and realised is not None and asked is not None and realised > OVER_DENSITY * asked:
+            said = (f"attention {self.name!r} kept {realised:.2f} of the blocks on its sparse calls where "
+                    f"density={asked} was asked: {self.pattern.density_knob}")
+        return said
+
     def counters(self) -> Dict[str, Any]:
         per_step: Dict[int, List[float]] = {}
         total, calls = 0.0, 0
@@ -213,6 +231,7 @@ class SparseAttention(AttentionMethod):
             "sparse_calls": self.sparse_calls,
             "dense_calls": self.dense_calls,
             "mean_density": round(total / calls, 4) if calls else None,
+            "sparse_mean_density": self.sparse_mean_density(),
             "density_by_step": [round(s / c, 3) for s, c in per_step.values()],
             **({"quantized_calls": self.quantized_calls, "full_precision_calls": self.full_precision_calls}
                if self.config.quantize != "none" else {}),

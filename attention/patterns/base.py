@@ -253,6 +253,10 @@ class BlockPattern:
         """Pattern-specific numbers for ``Handle.summary()`` (e.g. the share of temporal heads)."""
         return {}
 
+    # What makes the realised density exceed the request, and the knob that controls it.
+    density_knob = ("few blocks per row at this length round the budget up and every row keeps its "
+                    "diagonal block; a smaller block_size gives finer control")
+
     def unsupported(self, geom: Geometry) -> Optional[str]:
         if self.needs_grid and geom.grid is None:
             return f"pattern {self.name!r} needs a token grid and this call has none"

@@ -49,6 +49,9 @@ class TopKConfig(PatternConfig):
 @register_pattern
 class TopKPattern(BlockPattern):
     name = "topk"
+    density_knob = ("blocks less self-similar than similarity_threshold keep their whole row and column "
+                    "(lower it, -1: never, to keep closer to density), and few blocks per row at this length "
+                    "round the budget up (a smaller block_size gives finer control)")
     Config = TopKConfig
     needs_grid = False
 

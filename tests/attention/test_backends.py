@@ -36,7 +36,7 @@ def runnable_backends(pipe, family):
                 warnings.simplefilter("ignore")
                 pipe.transformer.set_attention_backend(backend.value)
                 found[backend.value] = latents(pipe, family)
-        except (RuntimeError, ValueError, NotImplementedError):
+        except Exception:  # noqa: BLE001 - not usable here: missing package, no device, a hub kernel offline
             continue
     return found
 

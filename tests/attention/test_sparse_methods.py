@@ -245,3 +245,21 @@ def test_ltx_condition_layout_from_token_coordinates():
     prefixed = layout_from_coords(coords([0.32, 0.5, 0.0, 0.04, 0.36], 2, 2))
     assert prefixed == TokenLayout(grid=(3, 2, 2), text_tokens=8, text_position="prefix")
     assert layout_from_coords(coords([0.0, 0.04, 0.36], 3, 4)[:, :-1]) == TokenLayout()  # ragged: no grid
+
+
+def test_a_realised_density_far_above_the_request_is_reported_with_its_knob(run_pipeline):
+    """topk on random weights: no key block is self-similar, so every row is kept whole."""
+    pipe = build_tiny_pipeline("wan")
+    spec = {"name": "topk", "density": 0.25, "block_size": 16, "backend": "torch", "dense_warmup": 0.0}
+    with accel.patched(pipe, attention=spec) as handle:
+        run_pipeline(pipe, call_kwargs("wan"))
+        summary = handle.summary()
+    counters = summary["methods"]["attention"]["counters"]
+    assert counters["sparse_mean_density"] > 1.5 * 0.25, counters
+    said = [w for w in summary["warnings"] if "density=0.25 was asked" in w]
+    assert len(said) == 1 and "similarity_threshold" in said[0], summary["warnings"]
+    with accel.patched(pipe, attention={**spec, "similarity_threshold": -1.0}) as handle:
+        run_pipeline(pipe, call_kwargs("wan"))
+        summary = handle.summary()
+    assert summary["methods"]["attention"]["counters"]["sparse_mean_density"] <= 1.5 * 0.25
+    assert not [w for w in summary["warnings"] if "was asked" in w]
