@@ -94,15 +94,22 @@ def accel_rows(bench: QualityBench, calibrations: Dict[str, Any], only=None) -> 
 
 
 def shipped_calibration(bench: QualityBench, name: str) -> Optional[str]:
-    """The path of a calibration shipped for the bench's model (None for another model)."""
+    """The path of calibration ``name`` when it is shipped for the bench's model (same class and
+    architecture config), else None."""
     import os
 
     from accel.api import adapter_for
+    from accel.base.adapter import config_fingerprint
+    from accel.caching.calibration import load_calibration
 
-    for folder in adapter_for(bench.workload.pipe.transformer).artifact_dirs:
+    model = bench.workload.pipe.transformer
+    for folder in adapter_for(model).artifact_dirs:
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and bench.workload.description.get("model") == "reference Wan model":
-            return path
+        if os.path.isfile(path):
+            calibration = load_calibration(path, name.split("-")[0])
+            if calibration.model_class == type(model).__name__ \
+                    and calibration.meta.get("model_fingerprint") == config_fingerprint([model]):
+                return path
     return None
 
 
