@@ -18,7 +18,7 @@ fixed local seed, so runs are reproducible.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -53,26 +53,28 @@ class ClusterConfig(PatternConfig):
         check_range(owner, "cdf_threshold", self.cdf_threshold, 0.0, 1.0, low_inclusive=False)
 
 
+def _reduce_scores(points: torch.Tensor, centroids: torch.Tensor, bias: torch.Tensor, alpha: float,
+                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``reduce`` over centroids of ``bias + alpha * points . centroids``: (G, N, D), (G, C, D) -> (G, N),
+    in chunks of points so the (points x centroids) buffer stays bounded."""
+    chunk = max(1, ASSIGN_CHUNK_ELEMENTS // (points.shape[0] * centroids.shape[1]))
+    return torch.cat([reduce(torch.baddbmm(bias, points[:, i:i + chunk], centroids.transpose(1, 2), alpha=alpha))
+                      for i in range(0, points.shape[1], chunk)], dim=1)
+
+
 def assign(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid (Euclidean) of each point: (G, N, D), (G, C, D) -> (G, N) int64."""
-    groups, count, _ = points.shape
     bias = centroids.square().sum(-1).unsqueeze(1) / 2  # argmin |p - c|^2 = argmax p.c - |c|^2 / 2
-    chunk = max(1, ASSIGN_CHUNK_ELEMENTS // (groups * centroids.shape[1]))
-    labels = [torch.argmax(torch.baddbmm(-bias, points[:, i:i + chunk], centroids.transpose(1, 2)), dim=-1)
-              for i in range(0, count, chunk)]
-    return torch.cat(labels, dim=1)
+    return _reduce_scores(points, centroids, -bias, 1.0, lambda scores: torch.argmax(scores, dim=-1))
 
 
 def _min_squared_distance(points: torch.Tensor, squared_norms: torch.Tensor, centroids: torch.Tensor
                           ) -> torch.Tensor:
-    """(G, N): squared distance of each point to its nearest centroid, in chunks of bounded size and
-    without a (G, N, D) temporary (|p|^2 - 2 p.c + |c|^2)."""
-    groups, count, _ = points.shape
+    """(G, N): squared distance of each point to its nearest centroid, without a (G, N, D)
+    temporary (|p|^2 - 2 p.c + |c|^2)."""
     centroid_norms = centroids.square().sum(-1).unsqueeze(1)  # (G, 1, C)
-    chunk = max(1, ASSIGN_CHUNK_ELEMENTS // (groups * centroids.shape[1]))
-    parts = [torch.baddbmm(centroid_norms, points[:, i:i + chunk], centroids.transpose(1, 2), alpha=-2.0)
-             .amin(dim=-1) for i in range(0, count, chunk)]
-    return (torch.cat(parts, dim=1) + squared_norms).clamp_min(0.0)
+    nearest = _reduce_scores(points, centroids, centroid_norms, -2.0, lambda scores: scores.amin(dim=-1))
+    return (nearest + squared_norms).clamp_min(0.0)
 
 
 def seed_centroids(points: torch.Tensor, clusters: int, seed: int = 0, rounds: int = SEEDING_ROUNDS) -> torch.Tensor:
