@@ -13,6 +13,7 @@ that says what to pass. ``Handle.summary()`` warns when a cache reused nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Optional
 
 from accel.base.adapter import config_fingerprint
@@ -204,11 +205,11 @@ class FixedCache(ResidualCache):
         if self.calibration is not None or not self.wants_calibration() or num_steps is None:
             return super().rule_for_loop(num_steps)
         config = self.config
-        uniform = uniform_compute_steps(config, num_steps)
-        budget = len(uniform)
-        # the steps the engine computes whatever the schedule says (warm-up, final steps)
-        forced = {s for s in range(num_steps) if s < max(1, config.warmup_for(num_steps))
-                  or s >= num_steps - config.final_steps}
+        budget = len(uniform_compute_steps(config, num_steps))
+        # the steps the engine computes whatever the schedule says: a uniform schedule with no
+        # interval step inside the loop and no cap computes exactly the warm-up and final steps
+        forced = set(uniform_compute_steps(
+            dataclasses.replace(config, interval=num_steps + 1, max_consecutive_reuses=None), num_steps))
         fitting = [c for c in self.shipped_list if c.num_steps == num_steps and len(c.compute_steps) == budget
                    and forced <= set(c.compute_steps)
                    and (c.meta.get("forecast"), c.meta.get("order")) == (config.forecast, config.order)]
