@@ -1,7 +1,7 @@
 """The ``accel`` command line.
 
-``accel list [--json]``, ``accel demo``, ``accel bench attention|cache|solvers|sparse`` and
-``accel calibrate`` work now; ``eval`` is reserved for the work that brings it, and says so.
+``accel list [--json]``, ``accel demo``, ``accel eval`` (and ``accel eval vbench``),
+``accel bench attention|cache|solvers|sparse``, ``accel calibrate`` and ``accel comfy install``.
 """
 from __future__ import annotations
 
@@ -13,11 +13,6 @@ from typing import List, Optional
 
 from accel import __version__
 from accel.base.cli_args import integer, output_folder
-
-RESERVED = {
-    "eval": "quality evaluation against the dense output",
-}
-
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from .catalog import list_all
@@ -143,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("calibrate", help="fit cache (--cache teacache|magcache|fixed) or solver (--solver dss) "
                                      "calibrations for a registered model")
 
-    for name, what in RESERVED.items():
-        p = sub.add_parser(name, help=f"(coming) {what}")
-        p.set_defaults(func=lambda args, name=name: _not_yet(name))
+    p_eval = sub.add_parser("eval", help="dense vs presets on a prompt suite: VBench-layout videos, paired and "
+                                         "distribution metrics, report.html (`accel eval --help`)")
+    p_eval.add_argument("rest", nargs=argparse.REMAINDER, help="options of accel eval (see accel eval --help)")
     return parser
 
 
@@ -156,15 +151,14 @@ def command_parser(argv: List[str]) -> "tuple[argparse.ArgumentParser, List[str]
 
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
         return importlib.import_module(BENCHMARKS[argv[1]]).build_parser(), argv[2:]
+    if argv[:1] == ["eval"]:
+        if argv[1:2] == ["vbench"]:
+            return importlib.import_module("accel.eval.vbench_suite").build_parser(), argv[2:]
+        return importlib.import_module("accel.eval.eval_cli").build_parser(), argv[1:]
     if argv[:1] == ["calibrate"]:
         module = "accel.distill.solver_search" if "--solver" in argv else "accel.distill.cache_calibration"
         return importlib.import_module(module).build_parser(), argv[1:]
     return build_parser(), argv
-
-
-def _not_yet(name: str) -> int:
-    print(f"accel {name}: not available in this version ({RESERVED[name]}).", file=sys.stderr)
-    return 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -176,6 +170,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv and argv[0] == "calibrate":
             return _calibrate(argv[1:])
+        if argv and argv[0] == "eval":  # its own parser: options come first, which REMAINDER would refuse
+            from accel.eval.eval_cli import main as eval_main
+
+            return int(eval_main(argv[1:]) or 0)
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, OSError) as exc:

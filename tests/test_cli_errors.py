@@ -100,8 +100,18 @@ CASES = [
      "--out: cannot write {file}/d-2.json"),
     (["calibrate", "--solver", "dss", "--steps", "2", "--model", "{missing}", "--out", "{tmp}/d.json"],
      "--model {missing}: no such folder"),
-    # reserved and unknown
-    (["eval"], "not available in this version"),
+    # accel eval: flags and what they name, before any model loads
+    (["eval"], "the following arguments are required: --out"),
+    (["eval", "--out", "{file}"], "argument --out: {file} is a file, not a folder"),
+    (["eval", "--out", "{tmp}/e", "--presets", "dense,turbo"], "--presets: unknown preset 'turbo' for wan"),
+    (["eval", "--out", "{tmp}/e", "--prompts", "{missing}.txt"], "--prompts"),
+    (["eval", "--out", "{tmp}/e", "--prompts", "vbench:no_such_dimension"], "no_such_dimension"),
+    (["eval", "--out", "{tmp}/e", "--seeds", "0"], "argument --seeds: must be in [1, inf], got 0"),
+    (["eval", "--out", "{tmp}/e", "--cache", "{{not json"], "--cache: not valid JSON"),
+    (["eval", "--out", "{tmp}/e", "--fvd-weights", "{missing}.pt"], "i3d_torchscript.pt"),
+    (["eval", "--out", "{tmp}/e", "--model", "{missing}"], "--model {missing}: no such folder"),
+    (["eval", "vbench", "--videos", "{missing}", "--dimensions", "temporal_flickering"], "{missing}"),
+    # unknown
     (["warp"], "argument command: invalid choice: 'warp'"),
 ]
 

@@ -91,6 +91,13 @@ def test_wheel_installs_one_namespace_and_runs_the_demo_outside_the_repository(w
                             cwd=outside, env=env, timeout=300)
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "wan" in {m["family"] for m in json.loads(listed.stdout)["models"]}
+    suites = subprocess.run([str(python), "-c", "from accel.eval.vbench_suite import load_prompts; "
+                             "from accel.eval.evaluation import REFERENCE_PROMPTS; "
+                             "print(len(load_prompts('vbench')), len(load_prompts('vbench:scene')), "
+                             "len(load_prompts(REFERENCE_PROMPTS)))"],
+                            capture_output=True, text=True, cwd=outside, env=env, timeout=300)
+    assert suites.returncode == 0, suites.stderr[-2000:]
+    assert [int(n) for n in suites.stdout.split()][0::2] == [946, 62], suites.stdout  # the prompt suites shipped
     demo = subprocess.run([str(env_dir / "bin" / "accel"), "demo", "--out", "demo", "--steps", "2", "--frames", "5"],
                           capture_output=True, text=True, cwd=outside, env=env, timeout=600)
     assert demo.returncode == 0, demo.stderr[-2000:]

@@ -108,6 +108,8 @@ def parse_only(command):
     argv = shlex.split(command.replace("{steps}", "4").replace("<device>", "h200"))
     if argv[0] == "accel":
         parser, args = command_parser(argv[1:])
+    elif "accel.cli" in argv:  # the accel command under a launcher (accelerate launch ... -m accel.cli ...)
+        parser, args = command_parser(argv[argv.index("accel.cli") + 1:])
     else:
         module = __import__(argv[argv.index("-m") + 1], fromlist=["build_parser"])
         parser, args = module.build_parser(), argv[argv.index("-m") + 2:]
