@@ -11,8 +11,9 @@ kernel between the pattern's permutation and its inverse, and density counters f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -78,6 +79,10 @@ class SparseAttention(AttentionMethod):
 
     Pattern: ClassVar[type] = BlockPattern
     differentiable = True  # through the pure-torch reference path (``_prepare``)
+
+    # A benchmark's timer of the parts of a sparse call (``eval/bench_attention_call.py``):
+    # ``phase_timer(name)`` is a context manager around "plan", "reorder", "kernel" and "restore".
+    phase_timer: Optional[Callable[[str], Any]] = None
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -165,15 +170,19 @@ class SparseAttention(AttentionMethod):
             group_geom = geom if kept is None else dataclasses.replace(
                 geom, text_keys_kept=torch.nonzero(kept).view(-1))
             qg, kg, vg = (x if rows is None else x[rows] for x in (q, k, v))
-            with torch.no_grad():  # which blocks to keep is a decision, not a function to differentiate
+            # which blocks to keep is a decision, not a function to differentiate
+            with torch.no_grad(), self._phase("plan"):
                 plan = self.pattern.block_layout(qg, kg, ctx, group_geom, scale)
             perm = plan.permutation
-            inputs = (perm.permute_q(qg), perm.permute_kv(kg), perm.permute_kv(vg), plan.layout)
-            if quantize:
-                out = quantized_block_sparse_attention(*inputs, scale=scale, pv=self.config.pv, backend=backend)
-            else:
-                out = block_sparse_attention(*inputs, scale=scale, backend=backend)
-            outputs.append(perm.restore(out))
+            with self._phase("reorder"):
+                inputs = (perm.permute_q(qg), perm.permute_kv(kg), perm.permute_kv(vg), plan.layout)
+            with self._phase("kernel"):
+                if quantize:
+                    out = quantized_block_sparse_attention(*inputs, scale=scale, pv=self.config.pv, backend=backend)
+                else:
+                    out = block_sparse_attention(*inputs, scale=scale, backend=backend)
+            with self._phase("restore"):
+                outputs.append(perm.restore(out))
             densities.append(plan.density)
         self.sparse_calls += 1
         self._sparse_density = self._sparse_density + sum(densities) / len(densities)
@@ -183,6 +192,9 @@ class SparseAttention(AttentionMethod):
             self.full_precision_calls += 1
         self._record(ctx, sum(densities) / len(densities))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    def _phase(self, name: str):
+        return self.phase_timer(name) if self.phase_timer is not None else contextlib.nullcontext()
 
     @staticmethod
     def _batch_groups(batch: int, keep: Optional[torch.Tensor]):

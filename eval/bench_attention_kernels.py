@@ -1,5 +1,8 @@
 """Benchmark block-sparse attention kernels against dense SDPA and FlexAttention.
 
+(``--mode call`` times each pattern's whole routed call at real model geometries instead:
+``eval/bench_attention_call.py``.)
+
     python eval/bench_attention_kernels.py --device cuda --shape all --json out.json
     python eval/bench_attention_kernels.py --device cpu --shape tiny
 
@@ -268,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--densities", type=number(0, 1, low_inclusive=False), nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--repeats", type=integer(1), default=10)
     parser.add_argument("--json", dest="json_path", type=output_path, default=None, help="write the rows to this file")
+    parser.add_argument("--mode", choices=("kernels", "call"), default="kernels",
+                        help="kernels: the kernels alone on random layouts (default); call: each pattern's whole "
+                             "routed call (plan, reorder, kernel, restore) at real model geometries "
+                             "(eval/bench_attention_call.py)")
+    call = parser.add_argument_group("--mode call")
+    call.add_argument("--geometry", nargs="+", default=["all"],
+                      help="wan1.3b-480p-81f, wan14b-720p-81f, hunyuan-720p-129f, flux-1024, all (default) or "
+                           "none (with --budget: the plan budgets alone)")
+    call.add_argument("--patterns", nargs="+", default=None, help="default: every sparse pattern")
+    call.add_argument("--heads", type=integer(1), default=None,
+                      help="attention heads per call (default: the model's on cuda, 1 on cpu)")
+    call.add_argument("--threads", type=integer(1), default=None, help="CPU threads (default: the cores not busy)")
+    call.add_argument("--budget", action="store_true",
+                      help="also each pattern's plan alone at the Wan 1.3B 480p shape with all 12 heads, "
+                           "against the first-call and memory budgets")
     return parser
 
 
@@ -276,6 +294,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
+    if args.mode == "call":
+        from accel.eval.bench_attention_call import GEOMETRIES, PATTERNS, main as call_main
+
+        unknown = [g for g in args.geometry if g not in ("all", "none") and g not in GEOMETRIES] + \
+            [p for p in args.patterns or () if p not in PATTERNS]
+        if unknown:
+            parser.error(f"unknown geometry or pattern {unknown[0]!r}; geometries: {', '.join(GEOMETRIES)}; "
+                         f"patterns: {', '.join(PATTERNS)}")
+        return call_main(args)
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     rows = run_attention_kernel_bench(args.device, shapes, tuple(args.densities),
                                       DTYPES[args.dtype] if args.dtype else None, args.repeats)
