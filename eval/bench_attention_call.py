@@ -118,7 +118,8 @@ def measure(name: str, geometry: Any, heads: int, device: str, dtype: torch.dtyp
     q, k, v = smooth_qkv(geom, heads, dtype, device)
     before_gb = _peak_gb(device)  # the inputs and the interpreter: what the call adds is measured from here
     layout = TokenLayout(grid=geom.grid, text_tokens=geom.text, text_position=geom.text_position)
-    row: Dict[str, Any] = {"geometry": geometry if isinstance(geometry, str) else str(geom.grid), "pattern": name, "tokens": q.shape[1], "heads": heads,
+    row: Dict[str, Any] = {"geometry": geometry if isinstance(geometry, str) else str(geom.grid),
+                           "pattern": name, "tokens": q.shape[1], "heads": heads,
                            "model_heads": geom.heads, "head_dim": geom.head_dim, "device": device,
                            "dtype": str(dtype).replace("torch.", "")}
     method = None if name == "dense" else ATTENTION_METHODS.get(name)(SPARSE_PATTERNS.get(name).Config(**config))

@@ -146,8 +146,9 @@ def aggregate_run(options: EvalOptions, items: Sequence[Item], columns: Dict[str
     for column, dims in previous.items():
         if column in rows:
             rows[column].setdefault("vbench", {}).update({k: v for k, v in dims.items() if k != "temporal_flickering"})
-    aggregate = {"model": options.model or "reference", "settings": _settings(options, size, dtype), "prompts": options.prompts,
-                 "seeds": options.seeds, "device": device, "items": len(items), "presets": rows}
+    aggregate = {"model": options.model or "reference", "settings": _settings(options, size, dtype),
+                 "prompts": options.prompts, "seeds": options.seeds, "device": device, "items": len(items),
+                 "presets": rows}
     write_json_atomically(os.path.join(out, AGGREGATE), aggregate)
     from .report import write_report
 

@@ -36,7 +36,6 @@ from .metrics import psnr, ssim
 # Records: one JSON file per (preset, item), written atomically after its video.
 RECORDS = "records"
 SETTINGS_FILE = "eval_settings.json"
-TIMING_KEYS = ("wall_seconds", "speedup", "speedup_min", "speedup_max")
 # the reference model's held-out captions (tests/eval/test_eval_run.py checks them against its data)
 REFERENCE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "reference_held_out.txt")
 
@@ -342,8 +341,9 @@ def run_items(options: EvalOptions, items: Sequence[Item], columns: Dict[str, Op
 
 
 def prepare(options: EvalOptions) -> Tuple[List[str], List[Item], Dict[str, Optional[Dict[str, Any]]]]:
-    """Validate what can be validated before any model loads; write the settings of the run."""
+    """Validate what can be validated before any model loads (a resumed run's settings included)."""
     from .demo import prepare_output
+    from .distribution import ENV
 
     if options.seeds < 1:
         raise EvalError(f"--seeds: expected >= 1, got {options.seeds}")
@@ -351,8 +351,6 @@ def prepare(options: EvalOptions) -> Tuple[List[str], List[Item], Dict[str, Opti
     prompts = load_prompt_list(options.prompts, options.limit)
     columns = preset_columns(options)
     check_presets_early(options.model, columns)
-    from .distribution import ENV
-
     if (options.fvd_weights or os.environ.get(ENV["fvd"])) and len(prompts) * options.seeds < 2:
         raise EvalError("FVD fits a Gaussian to video features: it needs at least 2 items (prompts x seeds)")
     fingerprint = _settings_fingerprint(options, prompts, columns)
@@ -377,13 +375,14 @@ def run_eval(options: EvalOptions) -> Optional[Dict[str, Any]]:
                               {**_settings_fingerprint(options, prompts, columns), "options": asdict(options)})
     fps = options.fps or (8 if options.model is None else 16)
     with state.split_between_processes(items) as mine:
-        log(f"{len(items)} item(s) x {len(columns)} column(s) ({', '.join(columns)}); "
-            + (f"process {state.process_index + 1}/{state.num_processes}: {len(mine)} item(s); " if state.num_processes > 1 else "")
-            + f"writing to {options.out}")
+        shard = (f"process {state.process_index + 1}/{state.num_processes}: {len(mine)} item(s); "
+                 if state.num_processes > 1 else "")
+        log(f"{len(items)} item(s) x {len(columns)} column(s) ({', '.join(columns)}); {shard}writing to {options.out}")
         generated = run_items(options, mine, columns, generator, fps, progress=True)
     log(f"generated {generated} item(s), {len(mine) - generated} already done")
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     size = {k: generator.kwargs[k] for k in ("height", "width", "num_frames") if k in generator.kwargs}
-    return aggregate_run(options, items, columns, generator.device, size, str(generator.dtype).replace("torch.", ""))
+    dtype = str(generator.dtype).replace("torch.", "")
+    return aggregate_run(options, items, columns, generator.device, size, dtype)
