@@ -160,7 +160,8 @@ def aggregate_run(options: EvalOptions, items: Sequence[Item], columns: Dict[str
 def _settings(options: EvalOptions, size: Optional[Dict[str, int]], dtype: str) -> Dict[str, Any]:
     settings = {"steps": options.steps, "height": options.height, "width": options.width,
                 "frames": options.frames, "dtype": dtype}
-    settings.update({k: v for k, v in (size or {}).items() if v is not None})
+    renamed = {"num_inference_steps": "steps", "num_frames": "frames"}
+    settings.update({renamed.get(k, k): v for k, v in (size or {}).items() if v is not None})
     return {k: v for k, v in settings.items() if v is not None}
 
 

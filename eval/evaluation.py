@@ -383,6 +383,7 @@ def run_eval(options: EvalOptions) -> Optional[Dict[str, Any]]:
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    size = {k: generator.kwargs[k] for k in ("height", "width", "num_frames") if k in generator.kwargs}
+    size = {k: generator.kwargs[k] for k in ("height", "width", "num_frames", "num_inference_steps")
+            if k in generator.kwargs}  # the pipeline's defaults otherwise
     dtype = str(generator.dtype).replace("torch.", "")
     return aggregate_run(options, items, columns, generator.device, size, dtype)
