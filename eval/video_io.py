@@ -43,5 +43,9 @@ def write_video(path: str, frames, fps: int = 8, upscale: int = 1) -> str:
         # libx264 needs even sizes; pad rather than let imageio resize (which would blur the comparison).
         pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
         video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        imageio.mimsave(path, list(video), fps=fps, macro_block_size=1, codec="libx264", quality=8)
+        # One encoder thread: x264's output depends on how many threads it picks (the CPUs the process
+        # may use), so the same frames gave different files, and different metrics read back from
+        # them, in processes with different CPU affinity (accel eval's shards, its resumed runs).
+        imageio.mimsave(path, list(video), fps=fps, macro_block_size=1, codec="libx264", quality=8,
+                        ffmpeg_params=["-threads", "1"])
     return path

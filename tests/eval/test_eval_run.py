@@ -164,3 +164,21 @@ def test_distribution_metrics_and_vbench_scores_join_a_finished_run(straight_run
     assert code == 0 and "merged into" in captured.err, captured.err
     printed = json.loads(captured.out)["temporal_flickering"]
     assert read_run(out)[0]["presets"]["fast"]["vbench"]["temporal_flickering"] == pytest.approx(printed, abs=1e-6)
+
+
+def test_the_same_frames_make_the_same_file_whatever_cpus_the_process_may_use(tmp_path):
+    """x264 picks its thread count from the CPUs it may use, and the file changed with it: a sharded
+    run (whose processes may be pinned) then read back other frames than one process had written."""
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a process that may use 2 CPUs or more, and sched_setaffinity (Linux)")
+    from accel.eval.video_io import write_video
+
+    frames = torch.rand(29, 64, 128, 3, generator=torch.Generator().manual_seed(0)).mul(255).to(torch.uint8).numpy()
+    write_video(str(tmp_path / "all.mp4"), frames)
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        write_video(str(tmp_path / "one.mp4"), frames)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert (tmp_path / "all.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes()
