@@ -20,6 +20,7 @@ full 12 heads and head dim 128.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -80,18 +81,13 @@ class PhaseClock:
     def __init__(self, device: str):
         self.device, self.ms = device, {p: 0.0 for p in PHASES}
 
+    @contextlib.contextmanager
     def __call__(self, phase: str):
-        clock = self
-
-        class Span:
-            def __enter__(self):
-                clock._sync()
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock._sync()
-                clock.ms[phase] += (time.perf_counter() - self.start) * 1e3
-        return Span()
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.ms[phase] += (time.perf_counter() - start) * 1e3
 
     def _sync(self):
         if self.device == "cuda":

@@ -106,20 +106,28 @@ def load_pipeline(model: Optional[str], device: str = "cpu", dtype: torch.dtype 
                         "in the local cache.") from None
 
 
-def call_kwargs(pipe, options: DemoOptions) -> Dict[str, Any]:
-    """Generation arguments: the reference defaults for the reference model, else the pipeline's own."""
+def generation_kwargs(options: Any) -> Dict[str, Any]:
+    """Generation arguments from ``options.model`` (None: the reference model's own defaults, its
+    prompt included; else the pipeline's) and its ``steps``, ``height``, ``width`` and ``frames``
+    (``accel demo``'s and ``accel eval``'s options both have them)."""
     kwargs: Dict[str, Any] = {}
     if options.model is None:
         from accel.pipelines.reference.build import reference_call_kwargs
 
         kwargs.update(reference_call_kwargs())
-    if options.prompt is not None:
-        kwargs["prompt"] = options.prompt
-    kwargs.setdefault("prompt", "a red fox running in the snow")
     for key, value in (("num_inference_steps", options.steps), ("height", options.height),
                        ("width", options.width), ("num_frames", options.frames)):
         if value is not None:
             kwargs[key] = value
+    return kwargs
+
+
+def call_kwargs(pipe, options: DemoOptions) -> Dict[str, Any]:
+    """Generation arguments: the reference defaults for the reference model, else the pipeline's own."""
+    kwargs = generation_kwargs(options)
+    if options.prompt is not None:
+        kwargs["prompt"] = options.prompt
+    kwargs.setdefault("prompt", "a red fox running in the snow")
     return kwargs
 
 

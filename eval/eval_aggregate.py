@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .evaluation import EvalOptions, Item, log, record_path, write_json_atomically
+from .evaluation import EvalOptions, Item, log, record_path, write_json_atomically, write_text_atomically
 
 PER_ITEM = "per_item.jsonl"
 AGGREGATE = "aggregate.json"
@@ -73,13 +73,14 @@ def column_row(records: List[Dict[str, Any]], patch_kwargs: Optional[Dict[str, A
 
 
 def read_media(path: str) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of an mp4 or png written by the run."""
-    import imageio.v2 as imageio
-
+    """(T, H, W, 3) uint8 RGB frames of an mp4 or png written by the run."""
     if path.endswith(".png"):
+        import imageio.v2 as imageio
+
         return np.asarray(imageio.imread(path))[None, ..., :3]
-    with imageio.get_reader(path) as reader:
-        return np.stack([np.asarray(frame)[..., :3] for frame in reader])
+    from .vbench_suite import read_video_frames
+
+    return read_video_frames(path, reader="imageio")  # RGB (OpenCV's reader gives BGR)
 
 
 def distribution_metrics(options: EvalOptions, out: str, by_column: Dict[str, List[Dict[str, Any]]],
@@ -133,10 +134,7 @@ def aggregate_run(options: EvalOptions, items: Sequence[Item], columns: Dict[str
                   device: str, size: Optional[Dict[str, int]] = None, dtype: str = "float32") -> Dict[str, Any]:
     out = options.out
     records = collect_records(out, items, list(columns))
-    with open(os.path.join(out, PER_ITEM + ".tmp"), "w") as f:
-        for record in records:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-    os.replace(os.path.join(out, PER_ITEM + ".tmp"), os.path.join(out, PER_ITEM))
+    write_text_atomically(os.path.join(out, PER_ITEM), "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     by_column = {c: [r for r in records if r["preset"] == c] for c in columns}
     rows = {c: column_row(rs, columns[c]) for c, rs in by_column.items()}
     log("distribution metrics from the written videos")

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .demo import DemoError, adapter_before_loading, device_and_dtype, load_pipeline
+from .demo import DemoError, adapter_before_loading, device_and_dtype, generation_kwargs, load_pipeline
 from .metrics import psnr, ssim
 
 # Records: one JSON file per (preset, item), written atomically after its video.
@@ -160,12 +160,17 @@ def record_path(out: str, column: str, item: Item) -> str:
     return os.path.join(out, RECORDS, column, item.key + ".json")
 
 
-def write_json_atomically(path: str, value: Any) -> None:
+def write_text_atomically(path: str, text: str) -> None:
+    """A killed run leaves the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, default=str)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+    write_text_atomically(path, json.dumps(value, indent=1, default=str))
 
 
 def item_done(out: str, columns: Sequence[str], item: Item) -> bool:
@@ -188,16 +193,8 @@ class Generator:
             set_threads(options.threads)
         self.pipe = load_pipeline(options.model, self.device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        self.kwargs: Dict[str, Any] = {}
-        if options.model is None:
-            from accel.pipelines.reference.build import reference_call_kwargs
-
-            self.kwargs.update(reference_call_kwargs())
-            self.kwargs.pop("prompt", None)
-        for key, value in (("num_inference_steps", options.steps), ("height", options.height),
-                           ("width", options.width), ("num_frames", options.frames)):
-            if value is not None:
-                self.kwargs[key] = value
+        self.kwargs = generation_kwargs(options)
+        self.kwargs.pop("prompt", None)  # every item brings its own
 
     def check_columns(self, columns: Dict[str, Optional[Dict[str, Any]]]) -> None:
         import accel
