@@ -12,6 +12,7 @@ from accel.base.adapter import ModelAdapter
 from accel.base.changes import ChangeLog
 from accel.base.context import StepContext
 from accel.base.method import Method, PatchSession
+from accel.base.parallel import summary_of as parallel_summary
 from accel.base.registry import MODEL_ADAPTERS
 
 from .config import KINDS, Config, Part, resolve_method
@@ -34,6 +35,9 @@ class Summary(dict):
             lines.append(f"  {kind:<9} {info['name']}({params})" + (f"  [{counters}]" if counters else ""))
         lines.append(f"  steps run {self['steps_run']} in {self['generations']} generation(s); "
                      f"transformer calls by branch {self['calls_by_branch']}")
+        if self.get("parallel"):
+            lines.append("  context parallel: " + ", ".join(f"{k} {v}" for k, v in self["parallel"].items())
+                         + " (counters are this rank's)")
         lines += [f"  warning: {warning}" for warning in self["warnings"]]
         return "\n".join(lines)
 
@@ -77,6 +81,8 @@ class Handle:
             generations=step.generations,
             calls_by_branch=dict(step.calls_by_branch),
             warnings=[w for w in (m.idle_warning() for m in self.methods.values() if m is not None) if w],
+            # under diffusers' context parallelism: degrees and this rank (the counters are this rank's)
+            parallel=next((p for p in map(parallel_summary, self.session.models) if p is not None), None),
         )
 
     def __enter__(self) -> "Handle":

@@ -57,9 +57,11 @@ class AttentionMethod(Method):
         return make
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
-            attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+            attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+            refused: Optional[str] = None) -> torch.Tensor:
+        """``refused``: a reason the caller found to run its exact kernel (e.g. ring attention)."""
         self.calls += 1
-        reason = self._backward_reason(q, k, v) or self.unsupported(q, k, v, ctx, attn_mask)
+        reason = refused or self._backward_reason(q, k, v) or self.unsupported(q, k, v, ctx, attn_mask)
         if reason is not None:
             self.fallback_calls += 1
             self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1

@@ -32,6 +32,7 @@ import torch
 from accel.base.adapter import INVOKES_DISPATCH, INVOKES_SDPA, AttentionSite
 from accel.base.changes import ChangeLog, acquire_global
 from accel.base.context import AttnContext
+from accel.base.parallel import context_parallel_config
 
 # The caller's own exact attention while a routed call runs, as (fn, whether fn takes a scale):
 # diffusers' dispatcher with the processor's backend, or ComfyUI's ``optimized_attention``, so that
@@ -50,7 +51,8 @@ def routed_entries() -> Tuple[Tuple[Any, AttnContext], ...]:
     return _ACTIVE.get()
 
 
-def _route(query, key, value, attn_mask, scale, exact: Optional[Callable] = None) -> Optional[torch.Tensor]:
+def _route(query, key, value, attn_mask, scale, exact: Optional[Callable] = None,
+           refused: Optional[str] = None) -> Optional[torch.Tensor]:
     """The method's output for a routed call, or None when no patched module is running.
 
     ``exact(q, k, v, attn_mask, scale)``: the caller's own kernel with the caller's arguments
@@ -65,10 +67,29 @@ def _route(query, key, value, attn_mask, scale, exact: Optional[Callable] = None
     token = _ACTIVE.set(())
     dense_token = _HOST_DENSE.set((exact, True)) if exact is not None else None
     try:
-        return method.run(query, key, value, ctx, attn_mask=attn_mask, scale=scale)
+        return method.run(query, key, value, ctx, attn_mask=attn_mask, scale=scale, refused=refused)
     finally:
         if dense_token is not None:
             _HOST_DENSE.reset(dense_token)
+        _ACTIVE.reset(token)
+
+
+def _route_context_parallel(query, key, value, attn_mask, scale, exact: Callable, parallel_config: Any,
+                            config: Any) -> Optional[torch.Tensor]:
+    """A routed call under diffusers' context parallelism: the method as Ulysses' kernel, or
+    diffusers' own path (``exact``) with the reason counted and warned once."""
+    from . import context_parallel
+
+    method, ctx = _ACTIVE.get()[-1]
+    reason = context_parallel.refusal(config, query, key, value, attn_mask, ctx.layout)
+    if reason is not None:
+        return _route(query, key, value, attn_mask, scale, exact, refused=reason)
+    token = _ACTIVE.set(())
+    dense_token = _HOST_DENSE.set(None)  # inside the all-to-all, dense paths run torch SDPA on the held heads
+    try:
+        return context_parallel.ulysses_attention(method, ctx, query, key, value, scale, parallel_config, config)
+    finally:
+        _HOST_DENSE.reset(dense_token)
         _ACTIVE.reset(token)
 
 
@@ -103,16 +124,21 @@ def _warn_if_backend_approximate(backend: Any) -> None:
 def _dispatch_router(original: Callable) -> Callable:
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        # Context parallelism, GQA and backend-specific kwargs stay on the original path.
-        plain = not (dropout_p or is_causal or enable_gqa or attention_kwargs or parallel_config is not None)
+        # GQA, dropout, causal masks and backend-specific kwargs stay on the original path.
+        plain = not (dropout_p or is_causal or enable_gqa or attention_kwargs)
         out = None
         if plain and _ACTIVE.get():
             _warn_if_backend_approximate(backend)
 
             def exact(q, k, v, mask, scale_):  # the processor's own dispatch, its backend included
-                return original(q, k, v, attn_mask=mask, scale=scale_, backend=backend)
+                return original(q, k, v, attn_mask=mask, scale=scale_, backend=backend, parallel_config=parallel_config)
 
-            out = _route(query, key, value, attn_mask, scale, exact)
+            context_parallel = context_parallel_config(parallel_config) if parallel_config is not None else None
+            if context_parallel is None:
+                out = _route(query, key, value, attn_mask, scale, exact)
+            else:
+                out = _route_context_parallel(query, key, value, attn_mask, scale, exact, parallel_config,
+                                              context_parallel)
         if out is not None:
             return out
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,

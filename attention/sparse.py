@@ -97,10 +97,10 @@ class SparseAttention(AttentionMethod):
 
     # -- one call -------------------------------------------------------------------------------
 
-    def run(self, q, k, v, ctx: AttnContext, attn_mask=None, scale=None):
+    def run(self, q, k, v, ctx: AttnContext, attn_mask=None, scale=None, refused=None):
         fallbacks = self.fallback_calls
         try:
-            out = super().run(q, k, v, ctx, attn_mask=attn_mask, scale=scale)
+            out = super().run(q, k, v, ctx, attn_mask=attn_mask, scale=scale, refused=refused)
         finally:
             self._prepared = None
         if self.fallback_calls != fallbacks:

@@ -9,14 +9,16 @@ names) see the block exactly as before. Streams are read and written through eac
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from accel.base.method import PatchSession
+from accel.base.parallel import context_parallel_config, group_of
 
+from .distributed import GroupStats
 from .engine import CacheEngine, CachedModel
-from .indicators import MODULATED_INPUT
+from .indicators import LOCAL, MODULATED_INPUT
 from .streams import StreamBinding
 
 GATE_ATTR = "_accel_cache_gate"
@@ -80,6 +82,9 @@ class DiffusersModel:
         self.plan = CachedModel(model, [b.names for b in self.bindings], engine.config, type(model).__name__)
 
     def before(self, index: int, block: torch.nn.Module, args: tuple, kwargs: dict):
+        if index == 0:
+            self._follow_context_parallel()
+        args, kwargs = forward_view(block, args, kwargs)
         binding = self.bindings[index]
         replaced = self.engine.block_input(self.plan, index, binding.streams(args, kwargs),
                                            lambda: self._modulated_input(block, binding, args, kwargs))
@@ -89,9 +94,35 @@ class DiffusersModel:
         self.engine.block_output(self.plan, index, lambda: self.bindings[index].unpack(output))
         return output
 
+    def _follow_context_parallel(self) -> None:
+        """Under diffusers' context parallelism the rules' means cover every rank's slice."""
+        config = context_parallel_config(self.model)
+        group = group_of(config) if config is not None else None
+        if group is None:
+            self.plan.stats = LOCAL
+        elif getattr(self.plan.stats, "group", None) is not group:
+            self.plan.stats = GroupStats(group)
+
     def _modulated_input(self, block, binding: StreamBinding, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         captured, self.plan.captured = self.plan.captured, None
         return self.adapter.teacache_input(block, binding.arguments(args, kwargs), captured)
+
+
+def forward_view(block: torch.nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """The arguments the block's ``forward`` will see: diffusers' context-parallel plan splits some
+    blocks' inputs (Wan: ``blocks.0``'s hidden states) in a hook inside the call, after our gate;
+    the engine must keep the same slice the block's output will be a slice of."""
+    registry = getattr(block, "_diffusers_hook", None)  # only blocks that carry diffusers hooks
+    if registry is None:
+        return args, kwargs
+    try:
+        from diffusers.hooks.context_parallel import ContextParallelSplitHook
+    except ImportError:  # a diffusers without context parallelism splits nothing
+        return args, kwargs
+    for hook in list(registry.hooks.values()):
+        if isinstance(hook, ContextParallelSplitHook):
+            args, kwargs = hook.pre_forward(block, *args, **kwargs)
+    return args, kwargs
 
 
 def attach_engine(engine: CacheEngine, session: PatchSession) -> None:

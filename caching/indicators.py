@@ -25,6 +25,18 @@ FIRST_RESIDUAL = "first_residual"  # visual stream after the first Fn blocks min
 SPAN_INPUT = "span_input"  # visual stream entering the cached blocks
 
 
+class Stats:
+    """The means rules decide from. This one sees whole tensors; a host whose tensors are split
+    across processes (context parallelism) gives one whose means cover every process's part
+    (``caching/distributed.py``), so every rank measures the same number and decides alike."""
+
+    def mean_abs(self, x: torch.Tensor) -> float:
+        return float(torch.mean(torch.abs(x), dtype=torch.float32))
+
+
+LOCAL = Stats()
+
+
 @dataclass
 class Probe:
     """What the engine measured for one transformer call, up to the first cached block."""
@@ -35,16 +47,17 @@ class Probe:
     modulated_input: Optional[torch.Tensor] = None
     first_residual: Optional[torch.Tensor] = None
     span_input: Optional[torch.Tensor] = None
+    stats: Stats = LOCAL
 
 
-def mean_abs(x: torch.Tensor) -> float:
-    return float(torch.mean(torch.abs(x), dtype=torch.float32))
+def mean_abs(x: torch.Tensor, stats: Stats = LOCAL) -> float:
+    return stats.mean_abs(x)
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, stats: Stats = LOCAL) -> float:
     """mean|current - previous| / mean|previous| (inf when previous is all zeros)."""
-    denominator = mean_abs(previous)
-    numerator = mean_abs(current - previous)
+    denominator = stats.mean_abs(previous)
+    numerator = stats.mean_abs(current - previous)
     return numerator / denominator if denominator > 0 else (0.0 if numerator == 0 else float("inf"))
 
 
@@ -100,7 +113,7 @@ class TeaCacheRule(Rule):
         state.previous = current
         if not _comparable(current, previous):
             return False
-        state.accumulated += self.rescale(relative_l1(current, previous))
+        state.accumulated += self.rescale(relative_l1(current, previous, probe.stats))
         return state.accumulated < self.threshold
 
     def committed(self, state, probe, reused):
@@ -127,7 +140,7 @@ class FirstBlockRule(Rule):
     def propose(self, state, probe):
         if not _comparable(probe.first_residual, state.reference):
             return False
-        return relative_l1(probe.first_residual, state.reference) < self.threshold
+        return relative_l1(probe.first_residual, state.reference, probe.stats) < self.threshold
 
     def committed(self, state, probe, reused):
         if not reused:
@@ -199,10 +212,10 @@ class EasyCacheRule(Rule):
         state.previous_input = current
         if state.k is None or not _comparable(current, previous) or state.computed_output is None:
             return False
-        output_scale = mean_abs(state.computed_output)
+        output_scale = mean_abs(state.computed_output, probe.stats)
         if output_scale == 0:
             return False
-        state.accumulated += state.k * mean_abs(current - previous) / output_scale
+        state.accumulated += state.k * mean_abs(current - previous, probe.stats) / output_scale
         return state.accumulated < self.threshold
 
     def committed(self, state, probe, reused):
@@ -212,8 +225,8 @@ class EasyCacheRule(Rule):
     def computed(self, state, probe, span_output):
         current = probe.span_input
         if _comparable(current, state.computed_input) and _comparable(span_output, state.computed_output):
-            input_change = mean_abs(current - state.computed_input)
-            output_change = mean_abs(span_output - state.computed_output)
+            input_change = mean_abs(current - state.computed_input, probe.stats)
+            output_change = mean_abs(span_output - state.computed_output, probe.stats)
             state.k = output_change / input_change if input_change > 0 else None
         state.computed_input, state.computed_output = current, span_output
 

@@ -91,6 +91,7 @@ class AttnContext:
     num_layers: int
     site: str  # module path inside the transformer, e.g. "blocks.3.attn1"
     kind: str  # "self" (visual tokens only) or "joint" (text tokens in the same sequence)
-    heads: int
+    heads: int  # the module's heads; q, k, v may hold a slice of them (context parallelism)
     layout: TokenLayout
     step: StepContext
+    head_offset: int = 0  # the module's index of q's first head (Ulysses: rank x heads per rank)

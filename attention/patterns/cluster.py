@@ -30,6 +30,7 @@ from .base import (BlockPattern, Geometry, PatternConfig, block_sizes, density_b
 COLD_START_ITERS_FACTOR = 4  # without warm centroids, k-means needs more rounds to settle
 ASSIGN_CHUNK_ELEMENTS = 1 << 26  # bound on the (points x centroids) score buffer per chunk
 SEEDING_ROUNDS = 8  # sequential rounds of the cold-start seeding (seed_centroids)
+HeadSlice = Tuple[int, int, int]  # (batch, first head held, heads in all): a rank's heads under Ulysses
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,18 @@ def _min_squared_distance(points: torch.Tensor, squared_norms: torch.Tensor, cen
     return (nearest + squared_norms).clamp_min(0.0)
 
 
-def seed_centroids(points: torch.Tensor, clusters: int, seed: int = 0, rounds: int = SEEDING_ROUNDS) -> torch.Tensor:
+def _uniform(generator: torch.Generator, groups: int, count: int, heads: Optional[HeadSlice]) -> torch.Tensor:
+    """(groups, count) draws in [0, 1); with ``heads``, the draws of those heads out of all of them,
+    so a rank holding some heads (context parallelism) draws what one process draws for them."""
+    if heads is None:
+        return torch.rand(groups, count, generator=generator)
+    batch, offset, total = heads
+    every = torch.rand(batch, total, count, generator=generator)
+    return every[:, offset:offset + groups // batch].reshape(groups, count)
+
+
+def seed_centroids(points: torch.Tensor, clusters: int, seed: int = 0, rounds: int = SEEDING_ROUNDS,
+                   heads: Optional[HeadSlice] = None) -> torch.Tensor:
     """k-means++-style seeding in a fixed number of rounds (as k-means|| does): one uniformly drawn
     seed, then ``rounds`` rounds that each draw an equal share of the rest without replacement, with
     probability ~ squared distance to the nearest seed so far (Gumbel top-k).
@@ -92,14 +104,14 @@ def seed_centroids(points: torch.Tensor, clusters: int, seed: int = 0, rounds: i
     groups, count, dim = points.shape
     generator = torch.Generator().manual_seed(seed)
     rows = torch.arange(groups, device=points.device)
-    first = (torch.rand(groups, generator=generator) * count).long().clamp_max(count - 1).to(points.device)
+    first = (_uniform(generator, groups, 1, heads)[:, 0] * count).long().clamp_max(count - 1).to(points.device)
     centroids = points[rows, first].unsqueeze(1)
     squared_norms = points.square().sum(-1)
     nearest = _min_squared_distance(points, squared_norms, centroids)
     per_round = -(-(clusters - 1) // rounds)
     while centroids.shape[1] < clusters:
         take = min(per_round, clusters - centroids.shape[1])
-        uniform = torch.rand(groups, count, generator=generator).clamp_min(1e-20).to(points.device)
+        uniform = _uniform(generator, groups, count, heads).clamp_min(1e-20).to(points.device)
         # log-weight + Gumbel noise: the top ``take`` are a weighted draw without replacement;
         # seeds already drawn (distance 0) come last
         keys = torch.where(nearest > 0, nearest.clamp_min(1e-30).log(), torch.full_like(nearest, -1e30)) \
@@ -111,11 +123,11 @@ def seed_centroids(points: torch.Tensor, clusters: int, seed: int = 0, rounds: i
     return centroids
 
 
-def kmeans(points: torch.Tensor, clusters: int, iters: int, init: Optional[torch.Tensor] = None
-           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kmeans(points: torch.Tensor, clusters: int, iters: int, init: Optional[torch.Tensor] = None,
+           heads: Optional[HeadSlice] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd's k-means per group: points (G, N, D) fp32 -> (centroids, labels, cluster sizes)."""
     groups, count, dim = points.shape
-    centroids = seed_centroids(points, clusters) if init is None else init
+    centroids = seed_centroids(points, clusters, heads=heads) if init is None else init
     offsets = (torch.arange(groups, device=points.device) * clusters).view(-1, 1)
     flat_points = points.reshape(groups * count, dim)
     for step in range(iters + 1):
@@ -190,10 +202,13 @@ class ClusterPattern(BlockPattern):
                                  or warm[1].device != q_points.device):
             warm = None  # a new generation or another shape: start cold, so each run is reproducible
         iters = self.config.kmeans_iters * (1 if warm is not None else COLD_START_ITERS_FACTOR)
+        # these heads' seeding draws, whether this process holds every head or a slice of them
+        held_slice = heads < ctx.heads and ctx.head_offset + heads <= ctx.heads
+        head_slice = (batch, ctx.head_offset, ctx.heads) if held_slice else None
         q_centroids, q_labels, _ = order_clusters_by_position(
-            *kmeans(q_points, q_clusters, iters, warm[1] if warm else None))
+            *kmeans(q_points, q_clusters, iters, warm[1] if warm else None, head_slice))
         k_centroids, k_labels, k_sizes = order_clusters_by_position(
-            *kmeans(k_points, k_clusters, iters, warm[2] if warm else None))
+            *kmeans(k_points, k_clusters, iters, warm[2] if warm else None, head_slice))
         self.state[key] = (ctx.step.generations, q_centroids, k_centroids)
 
         q_order = torch.argsort(q_labels, dim=-1, stable=True)

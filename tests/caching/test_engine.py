@@ -83,6 +83,22 @@ def test_cfg_reuse_with_identical_branches_reproduces_dense(helpers):
     torch.testing.assert_close(cached, dense, atol=1e-5, rtol=0)
 
 
+def test_cfg_reused_step_is_a_point_of_the_uncond_forecast(helpers):
+    # identical branches: a cfg-reused uncond residual equals cond's, so the uncond forecast of the
+    # next skipped step must equal cond's too, which needs the reused step in the uncond history
+    pipe = build_tiny_pipeline("wan")
+    same = {"negative_prompt": tiny_call_kwargs("wan")["prompt"]}
+    forecast = dict(compute_steps=(0, 1, 2, 4), forecast="taylor", order=1, schedule="uniform")
+    handle = accel.patch(pipe, cache=FixedCacheConfig(**forecast))
+    plain = helpers.run(pipe, "wan", 6, **same)
+    handle.remove()
+    handle = accel.patch(pipe, cache=FixedCacheConfig(**forecast, cfg_reuse_steps=(2, 4)))
+    reused = helpers.run(pipe, "wan", 6, **same)
+    assert helpers.counters(handle)["cfg_reused"] == {"cond": 0, "uncond": 2}
+    handle.remove()
+    torch.testing.assert_close(reused, plain, atol=1e-5, rtol=0)
+
+
 def test_cfg_reuse_changes_uncond_with_distinct_branches(helpers):
     pipe = build_tiny_pipeline("wan")
     dense = helpers.run(pipe, "wan", 6)
