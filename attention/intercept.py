@@ -18,6 +18,9 @@ How it works, and why it is shaped this way:
   (``set_attention_backend``, ``attention_backend(...)``), so "falls back" is bit-identical to the
   unpatched call under every backend. Where that backend is itself approximate (SageAttention),
   the method still replaces it on the calls it takes, with one warning.
+* Under diffusers' context parallelism the processor passes its ``parallel_config``: the method
+  then runs inside diffusers' Ulysses all-to-all (``context_parallel.py``), or, where it cannot
+  (ring), the call keeps diffusers' own path.
 """
 from __future__ import annotations
 
