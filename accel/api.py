@@ -168,6 +168,10 @@ def _find_models(pipe: Any) -> Tuple[ModelAdapter, List[torch.nn.Module], Any]:
             raise ValueError(f"accel.patch expects a diffusers pipeline or transformer model, got {type(pipe).__name__}")
         candidates = [c for c in components.values() if isinstance(c, torch.nn.Module)]
         owner = pipe
+    # `pipe.transformer = torch.compile(pipe.transformer)`: the compiled wrapper runs the module it
+    # holds, so that module is what gets patched (its graph is traced again where it changed)
+    candidates = [getattr(c, "_orig_mod", c) if isinstance(c, torch._dynamo.eval_frame.OptimizedModule) else c
+                  for c in candidates]
     found = [(adapter_for(m), m) for m in candidates]
     found = [(a, m) for a, m in found if a is not None]
     if not found:

@@ -52,6 +52,7 @@ BENCHMARKS = {
     "attention": "accel.eval.bench_attention_kernels",
     "cache": "accel.eval.bench_cache",
     "comfyui": "accel.eval.bench_comfyui",
+    "compile": "accel.eval.bench_compile",
     "solvers": "accel.eval.bench_solvers",
     "sparse": "accel.eval.bench_sparse_quality",
 }

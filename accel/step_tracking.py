@@ -81,8 +81,11 @@ def _track_model(session: PatchSession, model: torch.nn.Module, scheduler_driven
     def after_forward(module, args, kwargs, output):
         step.end_call()
 
-    changes.keep_handle(model.register_forward_pre_hook(before_forward, with_kwargs=True))
-    changes.keep_handle(model.register_forward_hook(after_forward, with_kwargs=True, always_call=True))
+    # Step bookkeeping is Python state that changes every call: under torch.compile(transformer)
+    # it runs eagerly around the graph, not traced (it would recompile at every step).
+    changes.keep_handle(model.register_forward_pre_hook(torch.compiler.disable(before_forward), with_kwargs=True))
+    changes.keep_handle(model.register_forward_hook(torch.compiler.disable(after_forward), with_kwargs=True,
+                                                    always_call=True))
 
 
 def _advance_on_timestep(step, timestep: Optional[float]) -> None:

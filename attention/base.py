@@ -8,7 +8,7 @@ import torch
 from accel.base.context import AttnContext
 from accel.base.method import Method, PatchSession
 
-from .intercept import dense_attention, install_router, watch_module
+from .intercept import dense_attention, route_module
 
 
 NO_BACKWARD = "its inputs require grad and it has no backward pass; dense attention gives the exact gradient"
@@ -41,12 +41,10 @@ class AttentionMethod(Method):
         for model in session.models:
             sites = session.adapter.attention_sites(model)
             for site in sites:
-                if not install_router(site, session.adapter.invokes, session.changes):
+                if not route_module(site, session.adapter.invokes, self,
+                                    self._context_factory(session, model, site, len(sites)), session.changes):
                     self.warn_once(f"cannot intercept {type(site.module.processor).__name__} at {site.path}; "
                                    "that module keeps its own attention")
-                    continue
-                watch_module(site, self, self._context_factory(session, model, site, len(sites)),
-                             session.changes)
 
     @staticmethod
     def _context_factory(session: PatchSession, model: torch.nn.Module, site, num_layers: int):

@@ -5,14 +5,12 @@ How it works, and why it is shaped this way:
 * diffusers processors call the attention kernel by a module-global name: ``dispatch_attention_fn``
   (Wan, HunyuanVideo, LTX, FLUX; q/k/v as (B, S, H, D)) or ``F.scaled_dot_product_attention``
   (CogVideoX and other older processors; (B, H, S, D)). Rewriting each processor would copy every
-  model's projection/RoPE code, so instead that one global is swapped, once per processor module,
-  for a router shared by all handles (reference-counted in ``accel.base.changes``).
-* The router does nothing on its own: it calls the original unless a context variable says that a
-  patched attention module is running. Forward pre/post hooks on each patched module (instances
-  only) push and remove their own entry, so unpatched models, cross-attention and text refiners
-  keep the original path, bit for bit. The variable holds a stack, and each post-hook removes
-  exactly the entry its pre-hook pushed: torch runs post-hooks in registration order, not in
-  reverse, so restoring "the previous value" could leave a removed method routed.
+  model's projection/RoPE code, so instead a routed processor runs its own code with that one name
+  bound to a router (``sites.py``: a shadow of its module; the module itself is never changed).
+* The router does nothing on its own: it calls the original unless a routed processor is running
+  (``sites.py`` says which site: eagerly through a stack in a context variable, where each call
+  removes exactly the entry it pushed; under ``torch.compile`` through one opaque op per call). So
+  unpatched models, cross-attention and text refiners keep the original path, bit for bit.
 * A routed method's dense paths (its fallbacks, warm-up steps, dense layers, density 1.0) run the
   caller's own kernel: diffusers' dispatcher with the backend and scale the processor passed
   (``set_attention_backend``, ``attention_backend(...)``), so "falls back" is bit-identical to the
@@ -26,16 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
 import types
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 
-from accel.base.adapter import INVOKES_DISPATCH, INVOKES_SDPA, AttentionSite
-from accel.base.changes import ChangeLog, acquire_global
+from accel.base.adapter import INVOKES_DISPATCH, AttentionSite
+from accel.base.changes import ChangeLog
 from accel.base.context import AttnContext
 from accel.base.parallel import context_parallel_config
+
+from . import sites
 
 # The caller's own exact attention while a routed call runs, as (fn, whether fn takes a scale):
 # diffusers' dispatcher with the processor's backend, or ComfyUI's ``optimized_attention``, so that
@@ -70,7 +69,8 @@ def _route(query, key, value, attn_mask, scale, exact: Optional[Callable] = None
     token = _ACTIVE.set(())
     dense_token = _HOST_DENSE.set((exact, True)) if exact is not None else None
     try:
-        return method.run(query, key, value, ctx, attn_mask=attn_mask, scale=scale, refused=refused)
+        extra = {"refused": refused} if refused is not None else {}
+        return method.run(query, key, value, ctx, attn_mask=attn_mask, scale=scale, **extra)
     finally:
         if dense_token is not None:
             _HOST_DENSE.reset(dense_token)
@@ -130,7 +130,9 @@ def _dispatch_router(original: Callable) -> Callable:
         # GQA, dropout, causal masks and backend-specific kwargs stay on the original path.
         plain = not (dropout_p or is_causal or enable_gqa or attention_kwargs)
         out = None
-        if plain and _ACTIVE.get():
+        if plain and torch.compiler.is_compiling():
+            out = _compiled_call(query, key, value, attn_mask, scale, backend, parallel_config is not None)
+        elif plain and _ACTIVE.get():
             _warn_if_backend_approximate(backend)
 
             def exact(q, k, v, mask, scale_):  # the processor's own dispatch, its backend included
@@ -165,7 +167,11 @@ class _FunctionalWithRoutedSDPA(types.ModuleType):
 
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
-        if _ACTIVE.get() and not (dropout_p or is_causal or enable_gqa):
+        if torch.compiler.is_compiling() and not (dropout_p or is_causal or enable_gqa):
+            out = _compiled_call(query, key, value, attn_mask, scale, None, False)
+            if out is not None:
+                return out
+        elif _ACTIVE.get() and not (dropout_p or is_causal or enable_gqa):
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
             out = _route(q, k, v, attn_mask, scale)
             if out is not None:
@@ -175,37 +181,33 @@ class _FunctionalWithRoutedSDPA(types.ModuleType):
             enable_gqa=enable_gqa)
 
 
-def install_router(site: AttentionSite, invokes: str, changes: ChangeLog) -> bool:
-    """Swap the kernel global in the module of ``site``'s processor. False if it has none."""
-    processor = getattr(site.module, "processor", None)
-    namespace = sys.modules.get(type(processor).__module__) if processor is not None else None
-    if invokes == INVOKES_DISPATCH and namespace is not None and hasattr(namespace, "dispatch_attention_fn"):
-        acquire_global(namespace, "dispatch_attention_fn", _dispatch_router, changes)
-        return True
-    if invokes == INVOKES_SDPA and namespace is not None and getattr(namespace, "F", None) is not None:
-        acquire_global(namespace, "F", _FunctionalWithRoutedSDPA, changes)
-        return True
-    return False
+def route_module(site: AttentionSite, invokes: str, method: Any, make_context: Callable[[], AttnContext],
+                 changes: ChangeLog) -> bool:
+    """Route ``site``'s attention to ``method`` until ``changes`` is undone; False if its processor
+    calls no kernel global accel can bind."""
+    make_router = _dispatch_router if invokes == INVOKES_DISPATCH else _FunctionalWithRoutedSDPA
+    return sites.route_site(site, invokes, method, make_context, changes, make_router)
 
 
-def watch_module(site: AttentionSite, method: Any, make_context: Callable[[], AttnContext],
-                 changes: ChangeLog) -> None:
-    """Mark ``site`` as routed to ``method`` while its forward runs."""
-    pushed = []
+@contextlib.contextmanager
+def entered(method: Any, ctx: AttnContext) -> Iterator[None]:
+    """While a routed processor runs: its calls go to ``method`` with ``ctx``."""
+    entry = (method, ctx)
+    _ACTIVE.set(_ACTIVE.get() + (entry,))
+    try:
+        yield
+    finally:  # remove exactly this entry, whatever ran inside
+        _ACTIVE.set(tuple(e for e in _ACTIVE.get() if e is not entry))
 
-    def enter(module, args):
-        entry = (method, make_context())
-        pushed.append(entry)
-        _ACTIVE.set(_ACTIVE.get() + (entry,))
 
-    def leave(module, args, output):
-        if pushed:
-            entry = pushed.pop()
-            _ACTIVE.set(tuple(e for e in _ACTIVE.get() if e is not entry))
-
-    changes.keep_handle(site.module.register_forward_pre_hook(enter))
-    # always_call: an exception inside attention must not leave the routing switched on.
-    changes.keep_handle(site.module.register_forward_hook(leave, always_call=True))
+def _compiled_call(query, key, value, attn_mask, scale, backend: Any, parallel: bool) -> Optional[torch.Tensor]:
+    """Inside torch.compile: the routed call as one opaque op, or None (not routed, or a call that
+    needs a backward pass: the op has none, so those keep the original, traceable path)."""
+    site = sites.compiled_site()
+    if site is None or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return None
+    name = None if backend is None else str(getattr(backend, "value", backend))
+    return torch.ops.accel.routed_attention(query, key, value, attn_mask, scale, site, name, parallel)
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ def capture_setup(store: Dict[tuple, Captured], step_fractions: Sequence[float] 
         method = handle.methods["attention"]
         dense_run = method.run
 
-        def run(q, k, v, ctx, attn_mask=None, scale=None):
+        def run(q, k, v, ctx, attn_mask=None, scale=None, **extra):
             step = ctx.step
             key = (step.step_index, ctx.layer_index)
             if (key not in store and step.num_steps and key[0] in pick(step_fractions, step.num_steps)
@@ -84,7 +84,7 @@ def capture_setup(store: Dict[tuple, Captured], step_fractions: Sequence[float] 
                 frozen = dataclasses.replace(ctx, step=copy.copy(step))
                 store[key] = Captured(q.detach().clone(), k.detach().clone(), v.detach().clone(), frozen,
                                       None if attn_mask is None else attn_mask.clone(), scale)
-            return dense_run(q, k, v, ctx, attn_mask=attn_mask, scale=scale)
+            return dense_run(q, k, v, ctx, attn_mask=attn_mask, scale=scale, **extra)
 
         # An instance attribute on the handle's own method object: removing the handle drops it.
         method.run = run

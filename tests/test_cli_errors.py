@@ -76,6 +76,11 @@ CASES = [
     (["bench", "solvers", "--weights", "{empty_tokenizer}"], "tokenizer/tokenizer.json is empty"),
     (["bench", "solvers", "--model", "tiny", "--prompts", "1", "--step-counts", "2", "--solvers", "dss",
       "--dss", "{binary_dss}"], "DSS artifact {binary_dss}/dss-2.json: is not a text file"),
+    # accel bench compile
+    (["bench", "compile", "--methods", "bogus"], "argument --methods: unknown ['bogus']"),
+    (["bench", "compile", "--backend", "bogus"], "argument --backend: unknown 'bogus'"),
+    (["bench", "compile", "--turns", "0"], "argument --turns: must be in [1, inf], got 0"),
+    (["bench", "compile", "--style", "half"], "argument --style: invalid choice: 'half'"),
     # accel bench attention
     (["bench", "attention", "--densities", "nan"], "argument --densities: must be a finite number in (0, 1], got nan"),
     (["bench", "attention", "--densities", "0"], "argument --densities: must be a finite number in (0, 1], got 0"),

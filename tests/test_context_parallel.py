@@ -1,9 +1,10 @@
 """accel inside diffusers' context parallelism, on CPU: 2 processes on gloo, the real diffusers path.
 
 diffusers' ``enable_parallelism`` picks each rank's device by ``rank % torch.accelerator.device_count()``,
-which is 0 on a machine without an accelerator. ``_cpu_shim`` (here, never in the library) says 1,
-so the device is the CPU and every other step (meshes, split/gather hooks, the all-to-all of
-Ulysses attention) is diffusers' own code on gloo.
+which is 0 on a machine without an accelerator. ``context_parallel_cases.cpu_shim`` (test code,
+never in the library) says 1, so the device is the CPU and every other step (meshes, split/gather
+hooks, the all-to-all of Ulysses attention) is diffusers' own code on gloo. Each rank runs
+``tests/context_parallel_cases.py`` under torchrun.
 
 For a tiny Wan and a tiny FLUX, each case runs in both ranks and in one process, and:
 - the 2-rank output equals the 1-process output of the same configuration (same plan),
@@ -11,6 +12,7 @@ For a tiny Wan and a tiny FLUX, each case runs in both ranks and in one process,
 - cache rules make identical decisions on every rank, equal to one process's,
 - ``remove()`` gives back the never-patched 2-rank output, bit for bit, on every rank.
 """
+import importlib.util
 import os
 import socket
 import subprocess
@@ -20,141 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import accel
 from accel.attention.patterns import SPARSE_PATTERNS
-from accel.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from accel.pipelines.tiny import build_tiny_pipeline
 
 pytest.importorskip("diffusers.hooks.context_parallel")
 
-WORLD = 2
-STEPS = 5
-ATOL = 1e-5
-
-
-def _cpu_shim() -> None:
-    """Test only: one 'accelerator' per process, so diffusers picks the CPU device for each rank."""
-    torch.accelerator.device_count = lambda: 1
-
-
-def attention_cases(family):
-    cases = {"dense": "dense", "int8": "int8"}
-    for name in SPARSE_PATTERNS.names():
-        # small blocks so the tiny models' 16-48 visual tokens are really sparse; no dense warm-up
-        extra = {"block_size": 16, "dense_warmup": 0.0, "dense_layers": 0, "backend": "torch",
-                 **({"similarity_threshold": -1.0} if name == "topk" else {}),
-                 **({"q_clusters": 8, "k_clusters": 8} if name == "cluster" else {})}
-        cases[name] = SPARSE_PATTERNS.get(name).Config(density=0.3, **extra)
-    return cases
-
-
-def cache_cases(family, model_class):
-    from accel.caching import EasyCacheConfig, FBCacheConfig, FixedCacheConfig, MagCacheConfig, TeaCacheConfig
-
-    ratios = {"kind": "magcache", "model_class": model_class, "num_steps": STEPS,
-              "ratios": {b: [0.9] * STEPS for b in ("cond", "uncond", "cond_uncond")}}
-    teacache = {"kind": "teacache", "model_class": model_class, "num_steps": STEPS,
-                "coefficients": [0.0, 0.0, 0.0, 1.0, 0.0]}
-    return {"fbcache": FBCacheConfig(threshold=THRESHOLDS[family]["fbcache"]),
-            "teacache": TeaCacheConfig(threshold=THRESHOLDS[family]["teacache"], calibration=teacache),
-            "magcache": MagCacheConfig(threshold=0.25, calibration=ratios),
-            "easycache": EasyCacheConfig(threshold=THRESHOLDS[family]["easycache"], warmup_ratio=0.0),
-            "fixed": FixedCacheConfig(interval=2, forecast="taylor", order=1, schedule="uniform")}
-
-
-# thresholds at which the data-driven rules reuse some steps and compute others on these models
-THRESHOLDS = {"wan": {"fbcache": 0.1, "teacache": 1.0, "easycache": 0.2},
-              "flux": {"fbcache": 0.3, "teacache": 0.2, "easycache": 0.3}}
-
-
-def cases(family, model_class):
-    return {**{f"attention={k}": {"attention": v} for k, v in attention_cases(family).items()},
-            **{f"cache={k}": {"cache": v} for k, v in cache_cases(family, model_class).items()}}
-
-
-# FLUX at 4x the tiny builder's area: 64 image tokens, 4 blocks of 16, so patterns can skip some
-SIZE = {"flux": {"height": 128, "width": 128}}
-
-
-def run(pipe, family):
-    out = pipe(**{**tiny_call_kwargs(family, steps=STEPS), "output_type": "latent", **SIZE.get(family, {})})
-    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
-
-
-def record_decisions(handle):
-    """[(step, branch, reused)] of the cache, in call order."""
-    rule = handle.methods["cache"].engine.rule
-    seen, committed = [], rule.committed
-
-    def record(state, probe, reused):
-        seen.append((probe.step, probe.branch, reused))
-        return committed(state, probe, reused)
-
-    rule.committed = record
-    return seen
-
-
-def patched_run(family, patch_kwargs, parallel=None, parallel_first=True):
-    """(output, summary, decisions, output after remove()) of one fresh tiny pipeline."""
-    pipe = build_tiny_pipeline(family, seed=0)
-    if parallel is not None and parallel_first:
-        pipe.transformer.enable_parallelism(config=parallel())
-    handle = accel.patch(pipe, **patch_kwargs)
-    if parallel is not None and not parallel_first:
-        pipe.transformer.enable_parallelism(config=parallel())
-    decisions = record_decisions(handle) if "cache" in patch_kwargs else None
-    out = run(pipe, family)
-    summary = handle.summary()
-    handle.remove()
-    return out, summary, decisions, run(pipe, family)
-
-
-def _worker(rank, port, family, names, parallel_first, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    _cpu_shim()
-    torch.set_num_threads(1)
-    from diffusers import ContextParallelConfig
-
-    def parallel():
-        return ContextParallelConfig(ulysses_degree=WORLD)
-
-    try:
-        results = {"rule_agrees": rule_decision_on_a_slice(rank)}
-        pipe = build_tiny_pipeline(family, seed=0)
-        pipe.transformer.enable_parallelism(config=parallel())
-        results["unpatched"] = run(pipe, family)
-        all_cases = cases(family, type(pipe.transformer).__name__)
-        for name in names:
-            results[name] = patched_run(family, all_cases[name], parallel, parallel_first)
-        gathered = [None] * WORLD
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, path)
-    finally:
-        dist.destroy_process_group()
-
-
-def rule_decision_on_a_slice(rank):
-    """fbcache's decision on a rank's slice of a change that sits all on rank 0's half: 50% there,
-    none on rank 1's, 25% over the whole tensor, under a 0.3 threshold. Each rank alone would
-    decide differently (compute / reuse); from the group's means both reuse."""
-    from accel.caching.distributed import GroupStats
-    from accel.caching.indicators import FirstBlockRule, Probe
-
-    previous = torch.ones(1, 8, 4)
-    current = previous.clone()
-    current[:, :4] *= 1.5
-    stats = GroupStats(dist.group.WORLD)
-    part = slice(rank * 4, rank * 4 + 4)
-    rule = FirstBlockRule(threshold=0.3)
-    state = rule.new_state()
-    first = Probe(step=0, first_residual=previous[:, part], stats=stats)
-    rule.propose(state, first)
-    rule.committed(state, first, False)
-    return rule.propose(state, Probe(step=1, first_residual=current[:, part], stats=stats))
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("context_parallel_cases", HERE / "context_parallel_cases.py")
+cp_cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cp_cases)
+WORLD, ATOL, cases, run, patched_run = cp_cases.WORLD, cp_cases.ATOL, cp_cases.cases, cp_cases.run, cp_cases.patched_run
 
 
 def _free_port():
@@ -167,7 +45,12 @@ def two_ranks(family, names, parallel_first=True):
     """Each rank's results of the named cases: a list of WORLD dicts."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "ranks.pt")
-        mp.spawn(_worker, args=(_free_port(), family, names, parallel_first, path), nprocs=WORLD)
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+                   f"--master_port={_free_port()}", str(HERE / "context_parallel_cases.py"),
+                   "--family", family, "--out", path, "--names", *names]
+        result = subprocess.run(command + ([] if parallel_first else ["--patch-first"]), capture_output=True,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
         return torch.load(path, weights_only=False)
 
 

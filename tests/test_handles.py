@@ -42,23 +42,29 @@ def test_a_module_of_a_live_handle_is_refused_and_replace_removes_that_handle(se
     assert "_accel_handle" not in vars(pipe) and "_accel_handle" not in vars(pipe.transformer)
 
 
-def test_routing_state_never_outlives_its_hooks():
-    """Two routes on the same attention modules (what two handles used to install): torch runs
-    post-hooks in registration order, so each must remove its own entry; restoring "the previous
-    value" left the first route (here radial) switched on after both were gone."""
+def test_routing_state_never_outlives_its_routes():
+    """Two routes on the same attention modules, undone in the order they were made (not the
+    reverse): each must remove its own entry and its own site, so that no route (here radial)
+    stays switched on after both are gone, and the processors get their own class back."""
     pipe, never_patched = build_tiny_pipeline("wan", seed=0), build_tiny_pipeline("wan", seed=1)
     reference = latents(never_patched)
-    radial, extra_hooks, handle = ATTENTION_METHODS.get("radial")(RADIAL), ChangeLog(), []
+    classes = {name: type(m.processor) for name, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    radial, extra_routes, handle = ATTENTION_METHODS.get("radial")(RADIAL), ChangeLog(), []
     sites = WanAdapter().attention_sites(pipe.transformer)
-    for site in sites:  # registered first, so their post-hooks run first
-        intercept.watch_module(site, radial, lambda site=site: AttentionMethod._context_factory(
-            handle[0].session, pipe.transformer, site, len(sites))(), extra_hooks)
+    for site in sites:  # routed first, removed first
+        assert intercept.route_module(site, WanAdapter.invokes, radial, lambda site=site: AttentionMethod._context_factory(
+            handle[0].session, pipe.transformer, site, len(sites))(), extra_routes)
     handle.append(accel.patch(pipe, attention="dense"))
     latents(pipe)
-    assert handle[0].methods["attention"].calls > 0 and intercept.routed_entries() == ()
-    extra_hooks.undo_all()
+    assert handle[0].methods["attention"].calls > 0 and radial.calls == 0  # the innermost route runs
+    assert intercept.routed_entries() == ()
+    extra_routes.undo_all()
+    latents(pipe)
+    assert handle[0].methods["attention"].calls > 0
     handle[0].remove()
-    with accel.patched(build_tiny_pipeline("wan", seed=2), preset="dense"):  # installs the router again
+    assert classes == {name: type(m.processor) for name, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    assert not any(hasattr(m, "_accel_site") for m in pipe.transformer.modules())
+    with accel.patched(build_tiny_pipeline("wan", seed=2), preset="dense"):  # routes other modules of the same classes
         assert torch.equal(latents(never_patched), reference)
     assert intercept.routed_entries() == ()
 

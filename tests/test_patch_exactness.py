@@ -33,13 +33,16 @@ def test_remove_restores_every_attribute():
     import diffusers.models.transformers.transformer_wan as wan_module
     dispatch = wan_module.dispatch_attention_fn
 
+    classes = {name: type(p) for name, p in processors.items()}
     handle = accel.patch(pipe, attention="dense")
-    assert wan_module.dispatch_attention_fn is not dispatch
+    assert wan_module.dispatch_attention_fn is dispatch  # routed processors read a shadow of the module
+    assert any(type(m.processor) is not classes[name] for name, m in transformer.named_modules() if name in classes)
     handle.remove()
 
     assert wan_module.dispatch_attention_fn is dispatch
     assert (dict(vars(transformer)), dict(vars(scheduler)), dict(vars(pipe))) == before
     assert processors == {name: m.processor for name, m in transformer.named_modules() if hasattr(m, "processor")}
+    assert classes == {name: type(p) for name, p in processors.items()}
     assert hooks == {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in transformer.named_modules()}
 
 

@@ -1,15 +1,11 @@
 """Record every change made to a pipeline so it can be undone exactly, in reverse order.
 
-Only instances are patched (never classes), so other instances of the same model are untouched.
-The single exception is a module-global function that a library calls by name (diffusers'
-``dispatch_attention_fn``); such globals are swapped once, shared by every handle through a
-reference count, and the replacement passes calls straight through unless a patched module is
-running (see ``attention/intercept.py``).
+Only instances are patched (never classes, never module globals), so other instances of the same
+model, and other models, are untouched.
 """
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, List
 
 _MISSING = object()
 
@@ -76,36 +72,3 @@ class ChangeLog:
                 errors.append(exc)
         if errors:
             raise RuntimeError(f"{len(errors)} change(s) could not be undone: {errors[0]!r}") from errors[0]
-
-
-_shared_lock = threading.Lock()
-_shared: Dict[Tuple[int, str], Dict[str, Any]] = {}
-
-
-def acquire_global(namespace: Any, name: str, make_replacement: Callable[[Any], Any], changes: ChangeLog) -> Any:
-    """Swap ``namespace.name`` for ``make_replacement(original)``, shared across handles.
-
-    The first acquirer installs the replacement; each acquirer's ``changes`` releases one
-    reference, and the last release restores the original. Returns the original.
-    """
-    key = (id(namespace), name)
-    with _shared_lock:
-        entry = _shared.get(key)
-        if entry is None:
-            original = getattr(namespace, name)
-            replacement = make_replacement(original)
-            setattr(namespace, name, replacement)
-            entry = _shared[key] = {"original": original, "replacement": replacement, "count": 0}
-        entry["count"] += 1
-
-    def release() -> None:
-        with _shared_lock:
-            entry["count"] -= 1
-            if entry["count"] == 0:
-                # Restore only if nobody replaced our replacement meanwhile; otherwise leave theirs.
-                if getattr(namespace, name) is entry["replacement"]:
-                    setattr(namespace, name, entry["original"])
-                del _shared[key]
-
-    changes.on_undo(release)
-    return entry["original"]
