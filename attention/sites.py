@@ -5,11 +5,13 @@ SDPA). A routed processor runs its own ``__call__`` code unchanged, but with its
 a *shadow* of its module: a real module (registered in ``sys.modules``, which dynamo needs to guard
 on globals) that holds everything the original holds, except that the kernel name is accel's
 router. The original module is never touched, so unpatched models and other processors keep it.
+(The shadow is a copy taken when the processor class is first routed: a global that someone
+rebinds in the original module later is not seen by routed processors.)
 
 The routed processor's class is a subclass of its own (one per processor class, same name) whose
 ``__call__`` says which site is running before the code reaches the router:
 
-* eagerly, by pushing the site's (method, context) on the router's stack, as before;
+* eagerly, by pushing the site's (method, context) on the router's context-variable stack;
 * under ``torch.compile``, by a module global holding the attention module's site *tensor* (a
   0-d CPU tensor attribute of the module): dynamo sees a graph input, not a constant, so the
   repeated blocks of ``compile_repeated_blocks`` share one graph, and the router emits one opaque
