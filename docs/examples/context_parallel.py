@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--backend", default=None, help="diffusers attention backend, e.g. flash or _native_cudnn "
                         "(ring attention needs one that returns the log-sum-exp; native SDPA does not)")
     parser.add_argument("--repeats", type=int, default=1, help="calls to time (the first includes warm-up)")
+    parser.add_argument("--compile", action="store_true", help="compile the transformer's repeated blocks "
+                        "(compile_repeated_blocks(fullgraph=True), inductor) before the calls")
     parser.add_argument("--out", default=None, help="where rank 0 writes the video (.mp4) or image (.png)")
     args = parser.parse_args()
 
@@ -61,6 +63,8 @@ def main() -> None:
             degree = {"ring_degree" if args.ring else "ulysses_degree": world}
             pipe.transformer.enable_parallelism(config=ContextParallelConfig(**degree))
         handle = accel.patch(pipe, args.preset, attention=args.attention, cache=args.cache)
+        if args.compile:  # either order works; each routed attention call is one op in the graph
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
         kwargs = {"prompt": args.prompt, "generator": torch.Generator("cpu").manual_seed(0)}
         if args.model.startswith("tiny:"):
             from accel.pipelines.tiny import tiny_call_kwargs
