@@ -109,3 +109,23 @@ def test_attention_with_every_cache_and_a_solver_swap_compiles_regionally(rule):
 
 def test_a_solver_swap_compiles_whole():
     check_compiled("wan", "whole", attention=method_config("radial"), solver="unipc")
+
+
+@pytest.mark.parametrize("style", ["regional", "whole"])
+def test_patch_then_compile(style):
+    """The other order: accel.patch first, then compile; the same graph properties and outputs."""
+    pipe = build_tiny_pipeline("wan")
+    never_patched = latents(pipe, "wan", 3)
+    handle = accel.patch(pipe, attention=method_config("radial"))
+    eager = latents(pipe, "wan", 3)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_model(pipe, style)
+    compiled = latents(pipe, "wan", 3)
+    graphs = counters["stats"]["unique_graphs"]
+    latents(pipe, "wan", 3, prompt="another prompt entirely")
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == graphs
+    assert handle.summary()["methods"]["attention"]["counters"]["sparse_calls"] > 0
+    handle.remove()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    assert torch.equal(latents(pipe, "wan", 3), never_patched)
