@@ -42,10 +42,8 @@ from . import sites
 _HOST_DENSE: contextvars.ContextVar[Optional[Tuple[Callable, bool]]] = contextvars.ContextVar(
     "accel_host_dense", default=None)
 
-# (method, context) entries of the patched attention modules whose forward is running; the last wins.
-_ACTIVE: contextvars.ContextVar[Tuple[Tuple[Any, AttnContext], ...]] = contextvars.ContextVar(
-    "accel_active_attention", default=()
-)
+# (method, context) entries of the routed processors running now (``sites.entered``); the last wins.
+_ACTIVE = sites.ACTIVE
 
 
 def routed_entries() -> Tuple[Tuple[Any, AttnContext], ...]:
@@ -187,17 +185,6 @@ def route_module(site: AttentionSite, invokes: str, method: Any, make_context: C
     calls no kernel global accel can bind."""
     make_router = _dispatch_router if invokes == INVOKES_DISPATCH else _FunctionalWithRoutedSDPA
     return sites.route_site(site, invokes, method, make_context, changes, make_router)
-
-
-@contextlib.contextmanager
-def entered(method: Any, ctx: AttnContext) -> Iterator[None]:
-    """While a routed processor runs: its calls go to ``method`` with ``ctx``."""
-    entry = (method, ctx)
-    _ACTIVE.set(_ACTIVE.get() + (entry,))
-    try:
-        yield
-    finally:  # remove exactly this entry, whatever ran inside
-        _ACTIVE.set(tuple(e for e in _ACTIVE.get() if e is not entry))
 
 
 def _compiled_call(query, key, value, attn_mask, scale, backend: Any, parallel: bool) -> Optional[torch.Tensor]:

@@ -20,12 +20,14 @@ The routed processor's class is a subclass of its own (one per processor class, 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 import sys
 import threading
 import types
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -45,6 +47,21 @@ _CLASS_COUNTS: Dict[int, List[Any]] = {}  # id(processor) -> [original class, ro
 
 # Under torch.compile only: the site tensor of the attention module whose processor is running.
 current_site: Optional[torch.Tensor] = None
+
+# Eagerly: (method, context) entries of the routed processors running now; the router takes the last.
+ACTIVE: contextvars.ContextVar[Tuple[Tuple[Any, Any], ...]] = contextvars.ContextVar("accel_active_attention",
+                                                                                    default=())
+
+
+@contextlib.contextmanager
+def entered(method: Any, ctx: Any) -> Iterator[None]:
+    """While a routed processor runs: its calls go to ``method`` with ``ctx``."""
+    entry = (method, ctx)
+    ACTIVE.set(ACTIVE.get() + (entry,))
+    try:
+        yield
+    finally:  # remove exactly this entry, whatever ran inside
+        ACTIVE.set(tuple(e for e in ACTIVE.get() if e is not entry))
 
 
 def kernel_name(invokes: str) -> str:
@@ -89,8 +106,6 @@ def routed_class(cls: type, invokes: str, make_router: Callable[[Any], Any]) -> 
             return rebound(self, attn, *args, **kwargs)
         if torch.compiler.is_compiling():
             return _call_compiled(rebound, site, self, attn, args, kwargs)
-        from .intercept import entered
-
         method, make_context, _, _ = _SITES[int(site)]
         with entered(method, make_context()):
             return rebound(self, attn, *args, **kwargs)
@@ -190,8 +205,6 @@ def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      parallel: bool) -> torch.Tensor:
     """One routed call inside a compiled graph: the site's method, run eagerly (the router's own
     eager path), with whatever step, branch and method state hold now."""
-    from .intercept import entered
-
     method, make_context, module, kernel = _SITES[int(site_tensor)]
     parallel_config = getattr(module.processor, "_parallel_config", None) if parallel else None
     with entered(method, make_context()):
