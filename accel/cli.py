@@ -1,7 +1,7 @@
 """The ``accel`` command line.
 
 ``accel list [--json]``, ``accel demo``, ``accel eval`` (and ``accel eval vbench``),
-``accel bench attention|cache|solvers|sparse``, ``accel calibrate`` and ``accel comfy install``.
+``accel bench attention|cache|solvers|sparse``, ``accel calibrate``, ``accel distill`` and ``accel comfy install``.
 """
 from __future__ import annotations
 
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("calibrate", help="fit cache (--cache teacache|magcache|fixed) or solver (--solver dss) "
                                      "calibrations for a registered model")
 
+    sub.add_parser("distill", help="distill a few-step flow-map student from a flow-matching transformer "
+                                   "(`accel distill --help`)")
+
     p_eval = sub.add_parser("eval", help="dense vs presets on a prompt suite: VBench-layout videos, paired and "
                                          "distribution metrics, report.html (`accel eval --help`)")
     p_eval.add_argument("rest", nargs=argparse.REMAINDER, help="options of accel eval (see accel eval --help)")
@@ -156,6 +159,8 @@ def command_parser(argv: List[str]) -> "tuple[argparse.ArgumentParser, List[str]
         if argv[1:2] == ["vbench"]:
             return importlib.import_module("accel.eval.vbench_suite").build_parser(), argv[2:]
         return importlib.import_module("accel.eval.eval_cli").build_parser(), argv[1:]
+    if argv[:1] == ["distill"]:
+        return importlib.import_module("accel.distill.flow_map").build_parser(), argv[1:]
     if argv[:1] == ["calibrate"]:
         module = "accel.distill.solver_search" if "--solver" in argv else "accel.distill.cache_calibration"
         return importlib.import_module(module).build_parser(), argv[1:]
@@ -171,6 +176,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv and argv[0] == "calibrate":
             return _calibrate(argv[1:])
+        if argv and argv[0] == "distill":
+            from accel.distill.flow_map import main as distill_main
+
+            return int(distill_main(argv[1:]) or 0)
         if argv and argv[0] == "eval":  # its own parser: options come first, which REMAINDER would refuse
             from accel.eval.eval_cli import main as eval_main
 

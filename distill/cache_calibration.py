@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --cache fixed: how many of the --steps steps compute (the rest are forecast)")
     parser.add_argument("--forecast", default="taylorseer", help="with --cache fixed: the forecast searched for")
     parser.add_argument("--order", type=integer(1, 2), default=2, help="with --cache fixed: the forecast's order")
+    parser.add_argument("--seeds", type=integer(1), default=1,
+                        help="with --cache fixed: noise draws scored per prompt (default 1)")
     parser.add_argument("--max-evaluations", type=integer(1), default=80,
                         help="with --cache fixed: at most this many masks tried (one generation per prompt each)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
@@ -245,7 +247,7 @@ def _search_schedule(args: argparse.Namespace, pipe: Any, prompts: List[str],
     if args.first_blocks or args.last_blocks:
         raise ValueError("--cache fixed searches whole-step schedules; --first-blocks/--last-blocks do not apply")
     return search_schedule(pipe, prompts, args.steps, args.budget, forecast=args.forecast, order=args.order,
-                           call_kwargs=call_kwargs, seed=args.seed, max_evaluations=args.max_evaluations,
+                           call_kwargs=call_kwargs, seed=args.seed, seeds=args.seeds, max_evaluations=args.max_evaluations,
                            out=args.out, log=lambda message: print(f"[calibrate fixed] {message}", flush=True))
 
 

@@ -19,7 +19,8 @@ derived:
 
 The score of a mask is the PSNR in dB of the decoded output (values in [0, 1]) against the dense
 output of the same prompt and seed, averaged over the calibration prompts (training captions for
-the reference model, never the evaluated ones): the fidelity ``accel bench cache`` reports. The
+the reference model, never the evaluated ones) and over ``seeds`` noise draws per prompt: the
+fidelity ``accel bench cache`` reports. The
 latents' SNR was tried first and picked masks that lost 1.9-2.0 dB on held-out prompts where the
 decoded PSNR's pick gained. Each evaluation is one full generation per prompt.
 """
@@ -35,6 +36,7 @@ Mask = Tuple[int, ...]
 # 7-step move that gained 0.1 dB there lost 3.7 dB on held-out prompts, where the kept moves of
 # 0.6-1.2 dB (9 and 13 steps) carried over.
 MIN_GAIN_DB = 0.5
+SEED_STRIDE = 1000
 
 
 def evenly_spaced_masks(num_steps: int, budget: int) -> List[Mask]:
@@ -78,15 +80,19 @@ class ScheduleSearch:
     """Scores compute masks for one pipeline, prompt set and forecast (memoised by mask)."""
 
     def __init__(self, pipe: Any, prompts: Sequence[str], num_steps: int, *, forecast: str = "taylorseer",
-                 order: int = 2, call_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0,
+                 order: int = 2, call_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0, seeds: int = 1,
                  log: Callable[[str], None] = lambda message: None):
         from accel.caching.configs import FixedCacheConfig
 
         if not prompts:
             raise ValueError("the schedule search needs at least one prompt")
+        if seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {seeds}")
         FixedCacheConfig(forecast=forecast, order=order)  # validates both before any run
         self.pipe, self.prompts, self.num_steps = pipe, list(prompts), num_steps
-        self.forecast, self.order, self.seed, self.log = forecast, order, seed, log
+        self.forecast, self.order, self.log = forecast, order, log
+        # prompt i at draw j uses seed + SEED_STRIDE * j + i: draws of one prompt never share noise
+        self.runs = [(prompt, seed + SEED_STRIDE * j + i) for j in range(seeds) for i, prompt in enumerate(prompts)]
         self.call_kwargs = {k: v for k, v in (call_kwargs or {}).items()
                             if k not in ("generator", "prompt", "num_inference_steps", "output_type", "return_dict")}
         self.scores: Dict[Mask, float] = {}
@@ -102,8 +108,8 @@ class ScheduleSearch:
                 interval=1, compute_steps=mask, forecast=self.forecast, order=self.order))
         try:
             outputs = []
-            for i, prompt in enumerate(self.prompts):
-                generator = torch.Generator("cpu").manual_seed(self.seed + i)
+            for prompt, seed in self.runs:
+                generator = torch.Generator("cpu").manual_seed(seed)
                 with torch.no_grad():
                     out = self.pipe(prompt=prompt, num_inference_steps=self.num_steps, generator=generator,
                                     output_type="pt", return_dict=False, **self.call_kwargs)[0]
@@ -140,7 +146,7 @@ class ScheduleSearch:
 
 
 def search_schedule(pipe: Any, prompts: Sequence[str], steps: int, budget: int, *, forecast: str = "taylorseer",
-                    order: int = 2, call_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0,
+                    order: int = 2, call_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0, seeds: int = 1,
                     max_evaluations: int = 80, out: Optional[str] = None,
                     log: Callable[[str], None] = lambda message: None) -> Dict[str, Any]:
     """A ``fixed`` calibration artifact: the searched ``compute_steps`` for ``budget`` of ``steps``."""
@@ -153,7 +159,7 @@ def search_schedule(pipe: Any, prompts: Sequence[str], steps: int, budget: int, 
     if steps < 2:
         raise ValueError(f"the schedule search needs at least 2 steps, got {steps}")
     search = ScheduleSearch(pipe, prompts, steps, forecast=forecast, order=order, call_kwargs=call_kwargs,
-                            seed=seed, log=log)
+                            seed=seed, seeds=seeds, log=log)
     found = search.run(budget, max_evaluations=max_evaluations)
     handle = accel.patch(pipe, cache=FixedCacheConfig())  # only to describe the model as the cache sees it
     try:
@@ -161,7 +167,7 @@ def search_schedule(pipe: Any, prompts: Sequence[str], steps: int, budget: int, 
     finally:
         handle.remove()
     artifact = {**meta, "kind": "fixed", "compute_steps": found.pop("compute_steps"), "forecast": forecast,
-                "order": order, "search": found}
+                "order": order, "seeds": seeds, "search": found}
     if out is not None:
         save_calibration(artifact, out)
     return artifact

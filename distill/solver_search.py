@@ -238,7 +238,7 @@ def search(pipe, steps: Sequence[int], options: SearchOptions) -> Dict[int, DSSA
 
 # -- command line (``accel calibrate --solver dss`` forwards here) --------------------------------
 
-def _load_model(spec: str, weights: Optional[str] = None):
+def load_model(spec: str, weights: Optional[str] = None):
     """(pipeline, default SearchOptions fields) for ``tiny:wan``, ``tiny:wan22``, ``reference`` (the shipped
     weights, or ``weights``: another trained reference run) or a folder."""
     if spec.startswith("tiny:"):
@@ -304,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"--out {args.out!r}: {{steps}} is the only field it may hold") from None
         if args.weights and args.model != "reference":
             raise ValueError("--weights goes with --model reference (other models are named by --model)")
-        pipe, fields = _load_model(args.model, args.weights)
+        pipe, fields = load_model(args.model, args.weights)
         pipe.to(args.device)
         if args.prompt_file:
             with open(args.prompt_file) as f:

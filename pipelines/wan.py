@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from accel.base.adapter import INVOKES_DISPATCH, BlockIO, ModelAdapter
+from accel.base.adapter import INVOKES_DISPATCH, BlockIO, ModelAdapter, TargetTimeInputs
 from accel.base.context import TokenLayout
 from accel.base.registry import MODEL_ADAPTERS
 
@@ -31,6 +31,10 @@ class WanAdapter(ModelAdapter):
     presets = family_presets()
     default_preset = "quality"
     # The reference model's calibrations and DSS solvers (it is a WanTransformer3DModel).
+    # The condition embedder returns (temb, timestep_proj, text, image): the blocks get timestep_proj
+    # (argument ``temb``, unflattened to (B, 6, D)), and only the output norm reads temb.
+    target_time = TargetTimeInputs(embedder="condition_embedder", block_output=1, block_arg="temb",
+                                   block_arg_position=2, head_outputs=(0,))
     artifact_dirs = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "calibration"),)
 
     def teacache_input(self, first_block, block_args, captured=None):

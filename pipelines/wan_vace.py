@@ -17,6 +17,8 @@ class WanVACEAdapter(WanAdapter):
     transformer_class = "WanVACETransformer3DModel"
     pipeline_classes = ("WanVACEPipeline",)
     side_stack_names = ("vace_blocks",)
+    # The control blocks read the time embedding too; no student of a VACE model has been trained.
+    target_time = None
 
 
 MODEL_ADAPTERS.register(WanVACEAdapter.transformer_class, WanVACEAdapter())

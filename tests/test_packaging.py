@@ -98,6 +98,12 @@ def test_wheel_installs_one_namespace_and_runs_the_demo_outside_the_repository(w
                             capture_output=True, text=True, cwd=outside, env=env, timeout=300)
     assert suites.returncode == 0, suites.stderr[-2000:]
     assert [int(n) for n in suites.stdout.split()][0::2] == [946, 62], suites.stdout  # the prompt suites shipped
+    student = subprocess.run([str(python), "-c", "import accel; from accel.pipelines.reference.build import "
+                              "load_reference_pipeline; handle = accel.patch(load_reference_pipeline(), solver='flowmap'); "
+                              "print(*handle.methods['solver'].artifact.steps)"],
+                             capture_output=True, text=True, cwd=outside, env=env, timeout=300)
+    assert student.returncode == 0, student.stderr[-2000:]
+    assert student.stdout.split() == ["2", "4"], "the shipped flow-map student loads from the installed wheel"
     demo = subprocess.run([str(env_dir / "bin" / "accel"), "demo", "--out", "demo", "--steps", "2", "--frames", "5"],
                           capture_output=True, text=True, cwd=outside, env=env, timeout=600)
     assert demo.returncode == 0, demo.stderr[-2000:]

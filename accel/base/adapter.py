@@ -54,6 +54,25 @@ class BlockStack:
     io: BlockIO = field(default_factory=BlockIO)
 
 
+@dataclass(frozen=True)
+class TargetTimeInputs:
+    """Where a flow-map student's target time r can enter without new weights (Decoupled MeanFlow:
+    the first blocks see the time embedding of t, the last blocks and the output head that of r).
+
+    ``embedder`` is the module that turns the call's timestep (its first argument) into time
+    embeddings and returns a tuple. The blocks of ``stack`` receive output ``block_output`` through
+    their argument ``block_arg`` (keyword, or position ``block_arg_position``), possibly reshaped;
+    ``head_outputs`` are outputs only the output head reads, so replacing them by r's feeds the head r.
+    """
+
+    embedder: str
+    block_output: int
+    block_arg: str
+    block_arg_position: int
+    stack: str = "blocks"
+    head_outputs: Tuple[int, ...] = ()
+
+
 class ModelAdapter:
     """Knows one transformer family: blocks, token layout, attention sites, presets.
 
@@ -84,6 +103,8 @@ class ModelAdapter:
     # teacache, magcache, dss). Each records the model class and config fingerprint it was fitted
     # on, so a method picks only those made for the patched model.
     artifact_dirs: Tuple[str, ...] = ()
+    # How a flow-map student of this family is told its target time (None: no students yet).
+    target_time: Optional[TargetTimeInputs] = None
 
     def block_stacks(self, model: torch.nn.Module) -> List[BlockStack]:
         return [BlockStack(name, list(_get_path(model, name)), self.block_io.get(name, BlockIO()))

@@ -128,3 +128,16 @@ def test_calibrate_command_searches_a_fixed_schedule(tmp_path, capsys):
     assert main([*args, "--budget", "2", "--max-evaluations", "3"]) == 0
     assert "compute steps [0, " in capsys.readouterr().out
     assert len(load_calibration(str(out), "fixed").compute_steps) == 2
+
+
+def test_seeds_score_each_prompt_at_several_noise_draws():
+    """seeds=2 runs each prompt at two seeds (1000 apart) and averages: its dense references are the
+    one-seed search's plus a second, different one."""
+    pipe = build_tiny_pipeline("wan")
+    one = ScheduleSearch(pipe, ["a fox"], STEPS, call_kwargs=call_kwargs())
+    two = ScheduleSearch(pipe, ["a fox"], STEPS, call_kwargs=call_kwargs(), seeds=2)
+    assert len(two.dense) == 2 and torch.equal(two.dense[0], one.dense[0])
+    assert not torch.equal(two.dense[1], two.dense[0])
+    assert two.runs == [("a fox", 0), ("a fox", 1000)]
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
+        ScheduleSearch(pipe, ["a fox"], STEPS, call_kwargs=call_kwargs(), seeds=0)

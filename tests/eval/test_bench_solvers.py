@@ -108,3 +108,33 @@ def test_artifact_for_another_step_count_or_model_fails_before_generating(tiny_w
     assert main(tiny_args(out, dss, step_counts=("3",), solvers=("dss",))) == 2
     assert "fitted for another WanTransformer3DModel" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_student_rows_count_evaluations_and_time_the_transformer_part(tiny_wan, tmp_path):
+    """A student distilled from the tiny model gets one row per distilled step count, with one
+    evaluation per step (no uncond branch) where the teacher and Euler count both branches."""
+    from accel.distill.flow_map import main as distill
+
+    student = tmp_path / "student"
+    assert distill(["--teacher", "tiny:wan", "--steps", "1", "2", "--out", str(student), "--prompts", "1",
+                    "--teacher-steps", "4", "--iterations", "2", "--batch-size", "1", "--threads", "1",
+                    "--no-progress"]) == 0
+    out = tmp_path / "result.json"
+    args = tiny_args(out, tmp_path, step_counts=("2",), solvers=("euler", "flowmap"))
+    assert main([*args, "--flowmap", str(student)]) == 0
+    result = json.loads(out.read_text())
+    assert result["teacher"]["evaluations"] == 2 * TEACHER_STEPS  # both CFG branches
+    rows = {(r["solver"], r["steps"]): r for r in result["rows"]}
+    assert rows[("euler", 2)]["evaluations"] == 4
+    assert rows[("flowmap", 1)]["evaluations"] == 1 and rows[("flowmap", 2)]["evaluations"] == 2
+    assert all(math.isfinite(rows[("flowmap", n)]["psnr"]) for n in (1, 2))
+    speed = result["speed"]
+    assert [s["steps"] for s in speed["students"]] == [1, 2] and speed["vae_decode_seconds"] is not None
+    assert all(s["student_transformer_seconds"] > 0 and s["transformer_speedup"] > 0 for s in speed["students"])
+
+
+def test_student_rows_are_skipped_honestly_without_a_student(tmp_path):
+    out = tmp_path / "result.json"
+    assert main(tiny_args(out, tmp_path, step_counts=("2",), solvers=("flowmap",))) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["solver"] == "flowmap" and "no student shipped" in row["skipped"]
