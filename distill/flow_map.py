@@ -44,7 +44,7 @@ import torch
 from accel.base.cli_args import integer, number, output_folder, set_threads
 from accel.base.config import check_range
 
-from .trajectories import batched_context, cached_trajectories, grid_indices, sample_pairs, student_jump
+from .trajectories import cached_trajectories, grid_indices, per_row, sample_pairs, student_call, student_jump
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,8 @@ def distill_flow_map(pipe: Any, options: DistillOptions, out: str, *, teacher: s
         options.call_kwargs, os.path.join(out, "trajectories"), identity,
         shard=lambda i: i % accelerator.num_processes == accelerator.process_index, log=log)
     accelerator.wait_for_everyone()
-    records = [torch.load(p, weights_only=False) for p in paths]
+    # memory-mapped: only the states a batch reads are paged in (a 480p video's trajectory is ~400 MB)
+    records = [torch.load(p, weights_only=False, mmap=True) for p in paths]
     sigmas = records[0]["sigmas"]
     scale = float(pipe.scheduler.config.get("num_train_timesteps", 1000))  # timestep = sigma * scale
 
@@ -224,12 +225,10 @@ def distill_flow_map(pipe: Any, options: DistillOptions, out: str, *, teacher: s
                 x[rolled] = student_jump(accelerator.unwrap_model(model), [batch[i] for i in rolled],
                                          [(pairs[i][2], pairs[i][0]) for i in rolled], sigmas, scale, target_r, device)
             z_b = torch.cat([r["states"][b] for r, (_, b, _) in zip(batch, pairs)]).to(device)
-            gaps = torch.tensor([float(sigmas[a] - sigmas[b]) for a, b, _ in pairs], dtype=torch.float64)
-            target = ((x.double() - z_b.double()) / gaps.to(device).view(-1, *([1] * (x.ndim - 1)))).to(x.dtype)
-            t = torch.stack([r["timesteps"][a] for r, (a, _, _) in zip(batch, pairs)]).to(device)
-            target_r[0] = torch.tensor([float(sigmas[b]) * scale for _, b, _ in pairs], dtype=torch.float32)
-            context = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batched_context(batch).items()}
-            prediction = model(hidden_states=x, timestep=t, **context)[0]
+            gaps = per_row([float(sigmas[a] - sigmas[b]) for a, b, _ in pairs], x)
+            target = ((x.double() - z_b.double()) / gaps).to(x.dtype)
+            prediction = student_call(model, x, batch, [a for a, _, _ in pairs], [sigmas[b] for _, b, _ in pairs],
+                                      scale, target_r)
             loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

@@ -141,23 +141,34 @@ def sample_pairs(generator: torch.Generator, count: int, teacher_steps: int, gri
     return pairs
 
 
+def student_call(model: torch.nn.Module, x: torch.Tensor, records: Sequence[Dict[str, Any]], froms: Sequence[int],
+                 to_sigmas: Sequence[float], scale: float, target_r: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    """The student's average velocity for ``x`` (one row per record) at the timesteps of teacher
+    states ``froms``, jumping to ``to_sigmas``: the route reads r from ``target_r``."""
+    t = torch.stack([r["timesteps"][a] for r, a in zip(records, froms)]).to(x.device)
+    target_r[0] = torch.tensor([float(s) * scale for s in to_sigmas], dtype=torch.float32)
+    return model(hidden_states=x, timestep=t, **batched_context(records, x.device))[0]
+
+
+def per_row(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """One float64 value per batch row, shaped to broadcast against ``like``."""
+    return torch.tensor(values, dtype=torch.float64, device=like.device).view(-1, *([1] * (like.ndim - 1)))
+
+
 def student_jump(model: torch.nn.Module, records: Sequence[Dict[str, Any]], jumps: Sequence[Tuple[int, int]],
                  sigmas: torch.Tensor, scale: float, target_r: List[Optional[torch.Tensor]], device: Any) -> torch.Tensor:
     """Where the student's own jump from teacher state p to grid point a lands (no gradient): a
     later jump trained from there learns to bring the student's drift back onto the teacher."""
     with torch.no_grad():
         start = torch.cat([r["states"][p] for r, (p, _) in zip(records, jumps)]).to(device)
-        t = torch.stack([r["timesteps"][p] for r, (p, _) in zip(records, jumps)]).to(device)
-        target_r[0] = torch.tensor([float(sigmas[a]) * scale for _, a in jumps], dtype=torch.float32)
-        context = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batched_context(records).items()}
-        u = model(hidden_states=start, timestep=t, **context)[0]
-        step = torch.tensor([float(sigmas[p] - sigmas[a]) for p, a in jumps], dtype=torch.float64, device=device)
-        return (start.double() - step.view(-1, *([1] * (start.ndim - 1))) * u.double()).to(start.dtype)
+        u = student_call(model, start, records, [p for p, _ in jumps], [sigmas[a] for _, a in jumps], scale, target_r)
+        step = per_row([float(sigmas[p] - sigmas[a]) for p, a in jumps], start)
+        return (start.double() - step * u.double()).to(start.dtype)
 
 
-def batched_context(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    first = records[0]["context"]
+def batched_context(records: Sequence[Dict[str, Any]], device: Any) -> Dict[str, Any]:
+    """The records' conditional-call arguments, tensors stacked on the batch axis, on ``device``."""
     out = {}
-    for key, value in first.items():
-        out[key] = torch.cat([r["context"][key] for r in records]) if torch.is_tensor(value) else value
+    for key, value in records[0]["context"].items():
+        out[key] = torch.cat([r["context"][key] for r in records]).to(device) if torch.is_tensor(value) else value
     return out

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -234,9 +235,9 @@ def transformer_speed(bench: QualityBench, student: Tuple[str, Tuple[int, ...]],
     result: Dict[str, Any] = {"default": {"steps": default_steps, "scheduler": type(w.pipe.scheduler).__name__,
                                           "guidance_scale": w.call_kwargs.get("guidance_scale")},
                               "videos": len(w.prompts), "repeats": repeats, "students": []}
-    full = sorted(timed(lambda: latents("pt"))[1] for _ in range(repeats))
-    latent_only = sorted(timed(latents)[1] for _ in range(repeats))
-    result["vae_decode_seconds"] = round((full[len(full) // 2] - latent_only[len(latent_only) // 2]) / len(w.prompts), 3)
+    full = statistics.median(timed(lambda: latents("pt"))[1] for _ in range(repeats))
+    latent_only = statistics.median(timed(latents)[1] for _ in range(repeats))
+    result["vae_decode_seconds"] = round((full - latent_only) / len(w.prompts), 3)
     for n in student[1]:
         setup = student_setup(student[0], n)
 

@@ -19,6 +19,7 @@ student's own prediction whatever ``guidance_scale`` the pipeline is called with
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import types
 from dataclasses import dataclass, field
@@ -133,8 +134,6 @@ class StudentArtifact:
                    guidance=guidance, lora=lora, training=training, **strings)
 
     def save(self, folder: str) -> str:
-        import json
-
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, ARTIFACT_FILE)
         with open(path, "w") as fh:
@@ -237,7 +236,7 @@ class FlowMapSolver(SchedulerSwap):
         super().attach(session)
         model = session.models[0]
         for name, value in self.artifact.student_tensors(model).items():
-            _swap_parameter(model, name, value, session)
+            session.changes.set_parameter(model, name, value)
         route = TargetTimeRoute(model, target_time_inputs(session.adapter, model), self.artifact.r_blocks,
                                 lambda: self._target_time(session))
         route.install(session.changes)
@@ -296,19 +295,6 @@ class FlowMapSolver(SchedulerSwap):
         counters.update(student=self.artifact.folder if self.artifact else None,
                         guidance_distilled=self.artifact.guidance if self.artifact else None)
         return counters
-
-
-def _swap_parameter(model: torch.nn.Module, name: str, value: torch.Tensor, session: PatchSession) -> None:
-    """Put ``value`` in place of parameter ``name``; undo puts the teacher's own Parameter back."""
-    owner_path, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    original = owner._parameters[attr]
-    owner._parameters[attr] = torch.nn.Parameter(value.to(original.device), requires_grad=original.requires_grad)
-
-    def undo() -> None:
-        owner._parameters[attr] = original
-
-    session.changes.on_undo(undo)
 
 
 def shipped_student(session: PatchSession) -> Optional[StudentArtifact]:

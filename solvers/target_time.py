@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from accel.base.adapter import ModelAdapter, TargetTimeInputs, _get_path
+from accel.base.adapter import ModelAdapter, TargetTimeInputs
 from accel.base.changes import ChangeLog
 
 # What a route asks for each call: the target timesteps (on the model's timestep scale), or None
@@ -44,11 +44,11 @@ class TargetTimeRoute:
     """Hooks on one transformer: r's embedding to its last ``r_blocks`` blocks and its head."""
 
     def __init__(self, model: torch.nn.Module, spec: TargetTimeInputs, r_blocks: int, target: TargetTimes):
-        blocks = list(_get_path(model, spec.stack))
+        blocks = list(model.get_submodule(spec.stack))
         if not 1 <= r_blocks <= len(blocks):
             raise ValueError(f"r_blocks must be between 1 and the {len(blocks)} blocks of {spec.stack}, got {r_blocks}")
         self.model, self.spec, self.r_blocks, self.target = model, spec, r_blocks, target
-        self.embedder = _get_path(model, spec.embedder)
+        self.embedder = model.get_submodule(spec.embedder)
         self.late_blocks = blocks[len(blocks) - r_blocks:]
         self._late: Optional[torch.Tensor] = None  # r's block embedding for the call in flight
 

@@ -37,6 +37,22 @@ class ChangeLog:
 
         self._undo.append(undo)
 
+    def set_parameter(self, module: Any, name: str, value: Any) -> None:
+        """Put ``value`` (a tensor) in place of the registered parameter ``name`` of ``module`` (a
+        dotted path below it); undo puts the original Parameter object back. ``set_attr`` cannot:
+        parameters live in ``_parameters``, not in the instance ``__dict__``."""
+        import torch
+
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        original = owner._parameters[attr]
+        owner._parameters[attr] = torch.nn.Parameter(value.to(original.device), requires_grad=original.requires_grad)
+
+        def undo() -> None:
+            owner._parameters[attr] = original
+
+        self._undo.append(undo)
+
     def set_class(self, obj: Any, cls: type) -> None:
         """Give one instance the class ``cls`` (a subclass of its own); undo gives the old one back.
 
