@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -345,6 +346,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.weights and args.teacher != "reference":
             raise ValueError("--weights goes with --teacher reference (other teachers are named by --teacher)")
+        if args.lora is not None and importlib.util.find_spec("peft") is None:
+            raise ValueError("--lora trains LoRA factors through peft, which is not installed: pip install peft")
         if args.attention is not None and args.attention not in ATTENTION_METHODS.names():
             raise ValueError(f"--attention must be one of {', '.join(ATTENTION_METHODS.names())}, got {args.attention!r}")
         pipe, fields = load_model(args.teacher, args.weights)

@@ -250,3 +250,12 @@ def test_a_resume_with_other_training_options_is_a_new_phase(tmp_path, capsys):
     assert phases[1]["options"]["lr"] == 5e-5 and phases[1]["options"]["rollout_fraction"] == 0.5
     assert main([*TINY, "--steps", "1", "2", "--out", out, "--iterations", "6"]) == 2
     assert "written with other options" in capsys.readouterr().err
+
+
+def test_lora_without_peft_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    assert main([*TINY, "--steps", "2", "--out", str(tmp_path), "--lora", "2"]) == 2
+    assert "--lora trains LoRA factors through peft, which is not installed" in capsys.readouterr().err
