@@ -10,7 +10,9 @@ is a small JSON object::
      "first_blocks": 0, "last_blocks": 0, "prompts": 4,
      "coefficients": [c4, c3, c2, c1, c0]             # teacache, highest power first
      "ratios": {"cond": [...], "uncond": [...]}}      # magcache, one ratio per step
-     "compute_steps": [0, 2, 5, ...], "forecast": "taylorseer", "order": 2}   # fixed
+     "compute_steps": [0, 2, 5, ...], "forecast": "taylorseer", "order": 2,   # fixed
+     "weights": {"residuals": 3, "inputs": 2,          # fixed with forecast "fitted": per branch
+                 "branches": {"cond": {"1": [a0, b0], "3": [...], ...}, "uncond": {...}}}}
 
 A fitted curve or ratio table is only valid for the model and the step count it was fitted with
 (the per-step change grows as steps get fewer); attaching refuses another model class, another
@@ -26,6 +28,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from accel.base.artifacts import as_float_list, as_int, read_json_object, required
 
+from .forecast import FittedWeights
+
 FORMAT_VERSION = 1
 MAX_STEPS = 10_000
 KINDS = ("teacache", "magcache", "fixed")
@@ -40,6 +44,7 @@ class CacheCalibration:
     coefficients: Optional[Tuple[float, ...]] = None
     ratios: Optional[Dict[str, Tuple[float, ...]]] = None
     compute_steps: Optional[Tuple[int, ...]] = None  # fixed: the steps that compute
+    weights: Optional[FittedWeights] = None  # fixed with forecast "fitted": how the others are forecast
     source: str = "<dict>"
     meta: Dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -102,9 +107,10 @@ def _parse(data: Dict[str, Any], source: str) -> CacheCalibration:
     model_class = required(data, "model_class", where)
     if not isinstance(model_class, str) or not model_class:
         raise ValueError(f"{where}: model_class must be a class name, got {model_class!r}")
-    coefficients = ratios = compute_steps = None
+    coefficients = ratios = compute_steps = weights = None
     if kind == "fixed":
         compute_steps = _parse_schedule(data, where, num_steps)
+        weights = _parse_weights(data, where, num_steps, compute_steps)
     elif kind == "teacache":
         coefficients = tuple(as_float_list(required(data, "coefficients", where), where, "coefficients"))
         if not 1 <= len(coefficients) <= 10:
@@ -120,9 +126,9 @@ def _parse(data: Dict[str, Any], source: str) -> CacheCalibration:
             if len(values) != num_steps:
                 raise ValueError(f"{where}: branch {branch!r} has {len(values)} ratios for {num_steps} steps")
     meta = {k: v for k, v in data.items()
-            if k not in ("kind", "model_class", "num_steps", "coefficients", "ratios", "compute_steps")}
+            if k not in ("kind", "model_class", "num_steps", "coefficients", "ratios", "compute_steps", "weights")}
     return CacheCalibration(kind=kind, model_class=model_class, num_steps=num_steps, coefficients=coefficients,
-                            ratios=ratios, compute_steps=compute_steps, source=source, meta=meta)
+                            ratios=ratios, compute_steps=compute_steps, weights=weights, source=source, meta=meta)
 
 
 def _parse_schedule(data: Dict[str, Any], where: str, num_steps: int) -> Tuple[int, ...]:
@@ -138,6 +144,45 @@ def _parse_schedule(data: Dict[str, Any], where: str, num_steps: int) -> Tuple[i
         raise ValueError(f"{where}: forecast must be one of {FORECASTS}, got {data['forecast']!r}")
     as_int(required(data, "order", where), where, "order", 1, 2)
     return steps
+
+
+MAX_FEATURES = 8
+
+
+def _parse_weights(data: Dict[str, Any], where: str, num_steps: int,
+                   compute_steps: Tuple[int, ...]) -> Optional[FittedWeights]:
+    """The ``fitted`` forecast's weights: required with that forecast, refused with any other."""
+    raw = data.get("weights")
+    if data["forecast"] != "fitted":
+        if raw is not None:
+            raise ValueError(f"{where}: weights go with forecast 'fitted', not {data['forecast']!r}")
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: forecast 'fitted' needs weights: "
+                         "{'residuals': K, 'inputs': M, 'branches': {branch: {step: [...]}}}")
+    residuals = as_int(required(raw, "residuals", where), where, "weights.residuals", 1, MAX_FEATURES)
+    inputs = as_int(required(raw, "inputs", where), where, "weights.inputs", 0, MAX_FEATURES)
+    branches = required(raw, "branches", where)
+    if not isinstance(branches, Mapping):  # empty: every step falls back (a fit's first step)
+        raise ValueError(f"{where}: weights.branches must map branch names to {{step: weights}}")
+    parsed: Dict[str, Dict[int, Tuple[float, ...]]] = {}
+    for branch, steps in branches.items():
+        name = f"weights.branches[{branch!r}]"
+        if not isinstance(steps, Mapping):
+            raise ValueError(f"{where}: {name} must map step indices to weight lists")
+        parsed[str(branch)] = {}
+        for step, values in steps.items():
+            if not str(step).isdigit():
+                raise ValueError(f"{where}: {name} has step {step!r}, not a step index")
+            index = as_int(int(step), where, name, 0, num_steps - 1)
+            if index in compute_steps:
+                raise ValueError(f"{where}: {name} has weights for step {index}, which the schedule computes")
+            found = tuple(as_float_list(values, where, f"{name}[{step!r}]"))
+            if not 1 <= len(found) <= residuals + inputs:
+                raise ValueError(f"{where}: {name}[{step!r}] has {len(found)} weights; 1 to "
+                                 f"{residuals + inputs} (residuals + inputs) expected")
+            parsed[str(branch)][index] = found
+    return FittedWeights(residuals=residuals, inputs=inputs, branches=parsed)
 
 
 def save_calibration(artifact: Mapping[str, Any], path: Union[str, "os.PathLike[str]"]) -> None:

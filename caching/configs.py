@@ -15,7 +15,7 @@ from typing import Any, Optional, Tuple
 from accel.base.config import check_choice, check_range
 
 from .calibration import CalibrationSource, check_calibration_source
-from .forecast import FORECASTS
+from .forecast import FORECASTS, SCHEDULE_FORECASTS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +30,7 @@ class CacheConfig:
     max_consecutive_reuses: cap on reuses in a row per branch (None: no cap).
     forecast, order: "none" (reuse the residual), "taylor" (the exact polynomial of ``order`` 1
         or 2), "taylorseer" (TaylorSeer's expansion of ``order`` 1 or 2) or "foca" (see
-        ``caching/forecast.py`` for the formulas).
+        ``caching/forecast.py`` for the formulas); a fixed cache also runs "fitted".
     cfg_reuse_steps / cfg_reuse_interval: where the uncond branch takes the cond branch's
         residual plus the last measured (uncond - cond) difference: the listed step indices, or
         every step that is not a multiple of the interval (outside warm-up and final steps).
@@ -55,7 +55,7 @@ class CacheConfig:
         check_range(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         if self.max_consecutive_reuses is not None:
             check_range(owner, "max_consecutive_reuses", self.max_consecutive_reuses, 1, integer=True)
-        check_choice(owner, "forecast", self.forecast, FORECASTS)
+        check_choice(owner, "forecast", self.forecast, self.forecasts())
         check_range(owner, "order", self.order, 1, 2, integer=True)
         steps = self.cfg_reuse_steps
         if not isinstance(steps, (tuple, list)):
@@ -69,6 +69,11 @@ class CacheConfig:
 
     def _check(self) -> None:
         """Per-method validation (subclasses)."""
+
+    @classmethod
+    def forecasts(cls) -> Tuple[str, ...]:
+        """The forecasts this method runs: a fitted one needs a fixed cache's schedule."""
+        return tuple(f for f in FORECASTS if f not in SCHEDULE_FORECASTS)
 
     def warmup_for(self, num_steps: Optional[int]) -> int:
         if num_steps is None:
@@ -173,6 +178,10 @@ class FixedCacheConfig(CacheConfig):
         quietly). ``Handle.summary()`` says which ran.
     calibration: a searched schedule (a ``fixed`` artifact, path or dict) to run; its compute
         steps replace the interval.
+    forecast="fitted": the linear forecast fitted with a schedule (``accel calibrate --cache fixed
+        --forecast fitted``), from ``calibration`` or a shipped artifact; where none is shipped for
+        the model and step count, TaylorSeer of ``order`` on the best schedule left (quietly with
+        schedule "auto", with a warning with "searched").
     """
 
     interval: int = 2
@@ -182,8 +191,16 @@ class FixedCacheConfig(CacheConfig):
     schedule: str = "auto"
     calibration: Optional[CalibrationSource] = None
 
+    @classmethod
+    def forecasts(cls) -> Tuple[str, ...]:
+        return FORECASTS
+
     def _check(self) -> None:
         check_range("FixedCacheConfig", "interval", self.interval, 1, integer=True)
+        if self.forecast == "fitted" and (self.schedule == "uniform" or self.compute_steps is not None):
+            raise ValueError("FixedCacheConfig: forecast='fitted' takes its weights from a fitted schedule "
+                             "(calibration, or schedule 'auto'/'searched' for a shipped one), not from "
+                             f"{'compute_steps' if self.compute_steps is not None else 'schedule=uniform'}")
         check_choice("FixedCacheConfig", "schedule", self.schedule, SCHEDULES)
         check_calibration_source("FixedCacheConfig", self.calibration)
         if self.compute_steps is not None:

@@ -27,7 +27,7 @@ import torch
 from accel.base.context import BRANCH_BATCHED, BRANCH_COND, BRANCH_UNCOND, StepContext
 
 from .configs import CacheConfig
-from .forecast import Residuals, make_forecaster
+from .forecast import Forecaster, ForecastInputs, Residuals, make_forecaster
 from .indicators import FIRST_RESIDUAL, LOCAL, MODULATED_INPUT, SPAN_INPUT, Probe, Rule, Stats
 from .state import BranchState, CallState, Counters, held_memory
 from .streams import Streams
@@ -171,7 +171,8 @@ class CacheEngine:
         residual = self._cfg_residual(plan, call, span_input)
         call.cfg_reused = residual is not None
         if residual is None and proposal and self._may_reuse(state, probe, span_input):
-            residual = self.forecaster.predict(state.history, probe.step)
+            residual = self.active_forecaster.predict(
+                state.history, probe.step, ForecastInputs(call.branch, span_input, state.history_inputs))
         call.residual = residual
         reused = residual is not None
         with torch.no_grad():
@@ -203,19 +204,26 @@ class CacheEngine:
         residual = {name: value + delta[name] for name, value in cond.applied[1].items() if name in delta}
         return residual if residual and _fits(residual, span_input) else None
 
+    @property
+    def active_forecaster(self) -> Forecaster:
+        """The rule's own forecast (a fixed schedule fitted with its weights), else the config's."""
+        return self.rule.forecaster or self.forecaster
+
     def _end_span(self, plan: CachedModel, call: CallState, output: Optional[Streams]) -> None:
         state, probe = call.state, call.probe
+        forecaster = self.active_forecaster
+        kept_input = call.span_input if forecaster.needs_inputs else None
         if output is None:
             residual = call.residual
             if call.cfg_reused:
                 # the cond branch's measured residual of this step plus a slowly changing offset:
                 # kept as a point of the uncond forecast, which otherwise extrapolates across the gap
                 # (27.5 -> 39.4 dB on the reference model, 2 of 10 computed steps reused this way)
-                state.remember(probe.step, residual, self.forecaster.history_size)
+                state.remember(probe.step, residual, forecaster.history_size, kept_input)
         else:
             residual = {name: output[name] - value for name, value in call.span_input.items()
                         if torch.is_tensor(value) and torch.is_tensor(output.get(name))}
-            state.remember(probe.step, residual, self.forecaster.history_size)
+            state.remember(probe.step, residual, forecaster.history_size, kept_input)
             with torch.no_grad():
                 self.rule.computed(state.rule_state, probe, output[plan.main_stream])
             for observer in self.observers:

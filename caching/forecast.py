@@ -29,11 +29,25 @@ each stream is forecast on its own, in float32, and cast back to its dtype.
 
   Exact for linear residuals at any lead and for quadratic ones while tau <= h1; with only two
   computed steps it is the predictor alone.
+* ``fitted``: a linear forecast whose weights were fitted for one schedule (``accel calibrate
+  --cache fixed --forecast fitted``, ``distill/forecast_fit.py``). With computed steps
+  s0 > s1 > ... before the target step s, residuals R and span inputs X (the streams entering the
+  cached span):
+
+      F(s) = sum_j a_j R(s_j)  (j < K)  +  sum_j b_j (X(s) - X(s_j))  (j < M)
+
+  with one weight vector per CFG branch and target step, shared by the streams. The first sum
+  holds every polynomial forecast above on that schedule (order 2 TaylorSeer is a = (2.5, -2, 0.5)
+  at a lead of one gap); the second lets the forecast see where this step's input actually went,
+  which no extrapolation of past residuals can. Steps without weights (a schedule it was not
+  fitted for) use TaylorSeer's expansion of the config's order. Only a ``fixed`` cache runs it:
+  its weights come with the schedule's artifact.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,20 +56,33 @@ from accel.base.config import check_choice, check_range
 Residuals = Dict[str, torch.Tensor]
 History = Sequence[Tuple[int, Residuals]]  # (step index, residuals), oldest first
 
-FORECASTS = ("none", "taylor", "taylorseer", "foca")
+FORECASTS = ("none", "taylor", "taylorseer", "foca", "fitted")
+# forecasts whose weights come with a fixed cache's schedule artifact; adaptive rules cannot run them
+SCHEDULE_FORECASTS = ("fitted",)
+
+
+@dataclass
+class ForecastInputs:
+    """What a forecast may read besides the residual history: this call's branch and span input,
+    and the span inputs of the steps in the history (kept only for forecasts that ask)."""
+
+    branch: str
+    span_input: Mapping[str, torch.Tensor]
+    history_inputs: Mapping[int, Mapping[str, torch.Tensor]]
 
 
 class Forecaster:
     history_size = 1
+    needs_inputs = False  # whether predict reads ForecastInputs (the engine then keeps span inputs)
 
-    def predict(self, history: History, step: int) -> Residuals:
+    def predict(self, history: History, step: int, inputs: Optional[ForecastInputs] = None) -> Residuals:
         raise NotImplementedError
 
 
 class LastResidual(Forecaster):
     """Plain reuse: the residual of the newest computed step."""
 
-    def predict(self, history: History, step: int) -> Residuals:
+    def predict(self, history: History, step: int, inputs: Optional[ForecastInputs] = None) -> Residuals:
         return history[-1][1]
 
 
@@ -71,7 +98,7 @@ class _ThroughLastPoints(Forecaster):
     def extrapolate(self, steps: Sequence[float], values: Sequence[torch.Tensor], target: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict(self, history: History, step: int) -> Residuals:
+    def predict(self, history: History, step: int, inputs: Optional[ForecastInputs] = None) -> Residuals:
         points = list(history[-self.history_size:])[::-1]  # newest first
         steps = [s for s, _ in points]
         return {name: _cast_like(self.extrapolate(steps, [r[name].float() for _, r in points], step), ref)
@@ -91,13 +118,64 @@ class TaylorSeerForecast(_ThroughLastPoints):
 class FoCaForecast(Forecaster):
     history_size = 3
 
-    def predict(self, history: History, step: int) -> Residuals:
+    def predict(self, history: History, step: int, inputs: Optional[ForecastInputs] = None) -> Residuals:
         points = list(history[-3:])[::-1]  # newest first
         out: Residuals = {}
         for name, newest in points[0][1].items():
             steps = [s for s, _ in points]
             values = [r[name].float() for _, r in points]
             out[name] = _cast_like(foca_extrapolate(steps, values, step), newest)
+        return out
+
+
+@dataclass(frozen=True)
+class FittedWeights:
+    """Weights of the ``fitted`` forecast: ``residuals`` (K) and ``inputs`` (M) features at most,
+    ``branches[branch][step]`` the weights for that target step (fewer when the history was
+    shorter: the first forecast steps)."""
+
+    residuals: int
+    inputs: int
+    branches: Mapping[str, Mapping[int, Tuple[float, ...]]]
+
+
+def fitted_features(history: History, history_inputs: Mapping[int, Mapping[str, torch.Tensor]],
+                    span_input: Mapping[str, torch.Tensor], name: str, residuals: int,
+                    inputs: int) -> List[torch.Tensor]:
+    """The features of stream ``name`` in the fitted forecast's order (float32): the newest
+    ``residuals`` computed residuals, then ``X(s) - X(s_j)`` for the newest ``inputs`` computed
+    steps whose inputs are known. Fitting and forecasting both build them here."""
+    points = list(history)[::-1]  # newest first
+    features = [r[name].float() for _, r in points[:residuals]]
+    now = span_input[name].float()
+    for step, _ in points[:inputs]:
+        past = history_inputs.get(step)
+        if past is None:
+            break
+        features.append(now - past[name].float())
+    return features
+
+
+class FittedForecast(Forecaster):
+    """The ``fitted`` forecast; ``fallback`` serves steps and branches without weights."""
+
+    needs_inputs = True
+
+    def __init__(self, weights: FittedWeights, fallback: Forecaster):
+        self.weights, self.fallback = weights, fallback
+        self.history_size = max(weights.residuals, weights.inputs, fallback.history_size)
+
+    def predict(self, history: History, step: int, inputs: Optional[ForecastInputs] = None) -> Residuals:
+        found = None if inputs is None else self.weights.branches.get(inputs.branch, {}).get(step)
+        if found is None:
+            return self.fallback.predict(history, step, inputs)
+        out: Residuals = {}
+        for name, ref in history[-1][1].items():
+            features = fitted_features(history, inputs.history_inputs, inputs.span_input, name,
+                                       self.weights.residuals, self.weights.inputs)
+            if len(features) != len(found):  # a history the weights were not fitted on
+                return self.fallback.predict(history, step, inputs)
+            out[name] = _cast_like(sum(w * f for w, f in zip(found, features)), ref)
         return out
 
 
@@ -152,10 +230,11 @@ def foca_extrapolate(steps: Sequence[float], values: Sequence[torch.Tensor], tar
 
 
 def make_forecaster(kind: str, order: int = 1) -> Forecaster:
+    """The forecaster of a config; ``fitted`` gives its fallback (the weights come with a schedule)."""
     check_choice("forecast", "forecast", kind, FORECASTS)
     if kind == "taylor":
         return TaylorForecast(order)
-    if kind == "taylorseer":
+    if kind in ("taylorseer", "fitted"):
         return TaylorSeerForecast(order)
     if kind == "foca":
         return FoCaForecast()

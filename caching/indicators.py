@@ -15,10 +15,13 @@ by the engine through three calls, so its decision can be tested on constructed 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, FrozenSet, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .forecast import Forecaster
 
 MODULATED_INPUT = "modulated_input"  # TeaCache's timestep-modulated input (adapter hook)
 FIRST_RESIDUAL = "first_residual"  # visual stream after the first Fn blocks minus before them
@@ -68,6 +71,9 @@ def _comparable(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
 class Rule:
     name = ""
     needs: FrozenSet[str] = frozenset()
+    # a forecast that comes with the rule's decisions (a fixed schedule fitted with its own
+    # weights); None: the config's
+    forecaster: Optional["Forecaster"] = None
     State: ClassVar[Optional[type]] = None  # per-branch running quantities; None: the rule keeps none
 
     def new_state(self) -> Any:
@@ -236,9 +242,11 @@ class FixedRule(Rule):
 
     name = "fixed"
 
-    def __init__(self, interval: int = 2, compute_steps: Optional[Sequence[int]] = None):
+    def __init__(self, interval: int = 2, compute_steps: Optional[Sequence[int]] = None,
+                 forecaster: Optional["Forecaster"] = None):
         self.interval = int(interval)
         self.compute_steps = None if compute_steps is None else frozenset(int(s) for s in compute_steps)
+        self.forecaster = forecaster
 
     def propose(self, state, probe):
         if self.compute_steps is not None:

@@ -26,6 +26,7 @@ from .configs import (CacheConfig, EasyCacheConfig, FBCacheConfig, FixedCacheCon
                       TeaCacheConfig)
 from .diffusers_host import attach_engine
 from .engine import CacheEngine
+from .forecast import FittedForecast, make_forecaster
 from .indicators import EasyCacheRule, FirstBlockRule, FixedRule, MagCacheRule, Rule, TeaCacheRule
 
 # Used when neither the config, a calibration nor the adapter has coefficients: the raw relative
@@ -180,7 +181,9 @@ class EasyCache(ResidualCache):
 class FixedCache(ResidualCache):
     """Every ``interval``-th step computes, or a searched schedule of as many computed steps
     (``schedule``/``calibration``: a shipped or given ``fixed`` artifact for the loop's step count
-    and forecast)."""
+    and forecast). With ``forecast="fitted"`` the artifact's weights forecast the other steps; a
+    loop without a fitted artifact runs the best one left: a schedule searched for TaylorSeer of
+    the config's order, else the uniform one, forecast by TaylorSeer (the summary says which)."""
 
     name = "fixed"
     Config = FixedCacheConfig
@@ -190,16 +193,36 @@ class FixedCache(ResidualCache):
     def __init__(self, config: Any):
         super().__init__(config)
         self.schedule_used = "uniform"
+        self.forecast_used = self.fallback_forecast()
+
+    def fallback_forecast(self) -> str:
+        config = self.config
+        kind = "taylorseer" if config.forecast == "fitted" else config.forecast
+        return kind if kind in ("none", "foca") else f"{kind} order {config.order}"
 
     def wants_calibration(self) -> bool:
         return self.config.schedule != "uniform" and self.config.compute_steps is None
 
     def make_rule(self, session: PatchSession, calibration: Optional[CacheCalibration]) -> Rule:
+        self.forecast_used = self.fallback_forecast()
         if calibration is not None:
             self.schedule_used = f"searched ({calibration.source})"
-            return FixedRule(self.config.interval, calibration.compute_steps)
+            return FixedRule(self.config.interval, calibration.compute_steps, self.fitted_forecast(calibration))
         self.schedule_used = "uniform" if self.config.compute_steps is None else "compute_steps"
         return FixedRule(self.config.interval, self.config.compute_steps)
+
+    def fitted_forecast(self, calibration: CacheCalibration) -> Optional[FittedForecast]:
+        """The artifact's fitted forecast, when the config asks for one (None: the config's forecast)."""
+        if self.config.forecast != "fitted":
+            return None
+        if calibration.weights is None:
+            if calibration is self.calibration:  # given by the user: say so; a shipped one is only not picked
+                raise ValueError(f"FixedCacheConfig.forecast='fitted' needs a fitted artifact; {calibration.source} "
+                                 f"holds a schedule for forecast {calibration.meta.get('forecast')!r} without "
+                                 "weights (`accel calibrate --cache fixed --forecast fitted` fits them)")
+            return None
+        self.forecast_used = "fitted"
+        return FittedForecast(calibration.weights, make_forecaster("fitted", self.config.order))
 
     def rule_for_loop(self, num_steps: Optional[int]) -> Optional[Rule]:
         if self.calibration is not None or not self.wants_calibration() or num_steps is None:
@@ -211,22 +234,31 @@ class FixedCache(ResidualCache):
         forced = set(uniform_compute_steps(
             dataclasses.replace(config, interval=num_steps + 1, max_consecutive_reuses=None), num_steps))
         fitting = [c for c in self.shipped_list if c.num_steps == num_steps and len(c.compute_steps) == budget
-                   and forced <= set(c.compute_steps)
-                   and (c.meta.get("forecast"), c.meta.get("order")) == (config.forecast, config.order)]
-        if not fitting and config.schedule == "searched":
+                   and forced <= set(c.compute_steps)]
+        wanted = [("fitted", None)] if config.forecast == "fitted" else []
+        wanted.append(("taylorseer" if config.forecast == "fitted" else config.forecast, config.order))
+        for forecast, order in wanted:  # a fitted artifact first, then one searched for the fallback
+            found = [c for c in fitting if c.meta.get("forecast") == forecast
+                     and (order is None or c.meta.get("order") == order)]
+            if found:
+                if forecast != config.forecast and config.schedule == "searched":
+                    self.warn_once(f"no fitted forecast for this model with {budget} computed steps of {num_steps}; "
+                                   f"running TaylorSeer order {config.order} on the searched schedule. `accel "
+                                   f"calibrate --cache fixed --forecast fitted --budget {budget} --steps {num_steps}` "
+                                   "fits one")
+                return self.make_rule(self.session, found[0])
+        if config.schedule == "searched":
             self.warn_once(f"no searched schedule for this model with {budget} computed steps of {num_steps} and "
                            f"forecast={config.forecast!r}, order={config.order} (shipped: "
                            f"{[(c.num_steps, len(c.compute_steps)) for c in self.shipped_list] or 'none'}); "
                            f"computing one step in {config.interval}. `accel calibrate --cache fixed --budget "
                            f"{budget} --steps {num_steps}` searches one")
-        if fitting:
-            return self.make_rule(self.session, fitting[0])
         # back to the uniform rule only when an earlier loop ran a searched one
         return self.make_rule(self.session, None) if self.schedule_used.startswith("searched") else None
 
     def counters(self) -> Dict[str, Any]:
         counters = super().counters()
-        return {**counters, "schedule": self.schedule_used} if counters else counters
+        return {**counters, "schedule": self.schedule_used, "forecast": self.forecast_used} if counters else counters
 
 
 def uniform_compute_steps(config: FixedCacheConfig, num_steps: int) -> List[int]:

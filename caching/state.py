@@ -17,18 +17,24 @@ class BranchState:
 
     rule_state: Any  # the reuse rule's running quantities
     history: List[Tuple[int, Residuals]] = field(default_factory=list)  # computed residuals, oldest first
+    history_inputs: Dict[int, Streams] = field(default_factory=dict)  # span inputs of those steps (fitted forecast)
     consecutive_reuses: int = 0
     applied: Optional[Tuple[int, Residuals]] = None  # (step, residual) used at the branch's last call
     applied_computed: bool = False  # whether that residual was computed rather than reused
     cfg_delta: Optional[Residuals] = None  # uncond minus cond residual at the last step both computed
 
-    def remember(self, step: int, residual: Residuals, keep: int) -> None:
+    def remember(self, step: int, residual: Residuals, keep: int, span_input: Optional[Streams] = None) -> None:
+        """Add a step's residual (and, for forecasts that read them, its span input); keep ``keep``."""
         if self.history and not _same_shapes(self.history[-1][1], residual):
             self.history.clear()  # the token layout changed: older residuals cannot be combined
         elif self.history and self.history[-1][0] == step:
             self.history.pop()  # a repeated call at the same step replaces the earlier one
         self.history.append((step, residual))
         del self.history[:-keep]
+        if span_input is not None:
+            self.history_inputs[step] = span_input
+        kept = {s for s, _ in self.history}
+        self.history_inputs = {s: x for s, x in self.history_inputs.items() if s in kept}
 
 
 def _same_shapes(a: Residuals, b: Residuals) -> bool:

@@ -31,6 +31,7 @@ from accel.base.adapter import config_fingerprint
 from accel.base.cli_args import integer, output_path, set_threads
 from accel.caching.calibration import FORMAT_VERSION, save_calibration
 from accel.caching.configs import TeaCacheConfig
+from accel.caching.forecast import FORECASTS
 from accel.caching.indicators import relative_l1
 
 DEFAULT_PROMPTS = (
@@ -183,8 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--last-blocks", type=integer(0), default=0, help="blocks kept out of the cached span at the end")
     parser.add_argument("--budget", type=integer(1),
                         help="with --cache fixed: how many of the --steps steps compute (the rest are forecast)")
-    parser.add_argument("--forecast", default="taylorseer", help="with --cache fixed: the forecast searched for")
+    parser.add_argument("--forecast", default="taylorseer", choices=FORECASTS,
+                        help="with --cache fixed: the forecast searched for; 'fitted' searches for TaylorSeer, then "
+                             "fits the fitted forecast's weights on the schedule found")
     parser.add_argument("--order", type=integer(1, 2), default=2, help="with --cache fixed: the forecast's order")
+    parser.add_argument("--schedule", metavar="ARTIFACT",
+                        help="with --forecast fitted: fit on this fixed artifact's compute steps instead of searching")
+    parser.add_argument("--residuals", type=integer(1, 8), default=3,
+                        help="with --forecast fitted: computed residuals the forecast weighs (default 3)")
+    parser.add_argument("--inputs", type=integer(0, 8), default=2,
+                        help="with --forecast fitted: span-input moves the forecast weighs (default 2)")
     parser.add_argument("--seeds", type=integer(1), default=1,
                         help="with --cache fixed: noise draws scored per prompt (default 1)")
     parser.add_argument("--max-evaluations", type=integer(1), default=80,
@@ -242,13 +251,14 @@ def _search_schedule(args: argparse.Namespace, pipe: Any, prompts: List[str],
                      call_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     from .schedule_search import search_schedule
 
-    if args.budget is None:
-        raise ValueError("--cache fixed needs --budget K: how many of the --steps steps compute")
     if args.first_blocks or args.last_blocks:
         raise ValueError("--cache fixed searches whole-step schedules; --first-blocks/--last-blocks do not apply")
+    if args.schedule and args.forecast != "fitted":
+        raise ValueError("--schedule goes with --forecast fitted (it fits weights on a given schedule)")
     return search_schedule(pipe, prompts, args.steps, args.budget, forecast=args.forecast, order=args.order,
                            call_kwargs=call_kwargs, seed=args.seed, seeds=args.seeds, max_evaluations=args.max_evaluations,
-                           out=args.out, log=lambda message: print(f"[calibrate fixed] {message}", flush=True))
+                           schedule=args.schedule, residuals=args.residuals, inputs=args.inputs, out=args.out,
+                           log=lambda message: print(f"[calibrate fixed] {message}", flush=True))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -273,11 +283,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     detail = {"teacache": lambda: f"coefficients {['%.4g' % c for c in artifact['coefficients']]}",
               "magcache": lambda: f"ratios for branches {sorted(artifact['ratios'])}",
-              "fixed": lambda: (f"compute steps {artifact['compute_steps']} ({artifact['search']['score_db']} dB "
-                                f"against dense; evenly spaced: {artifact['search']['start_score_db']} dB)")}[args.cache]()
+              "fixed": lambda: _describe_fixed(artifact)}[args.cache]()
     print(f"accel calibrate: {args.cache} for {artifact['model_class']} at {args.steps} steps, "
           f"{len(prompts)} prompt(s): {detail} -> {args.out}")
     return 0
+
+
+def _describe_fixed(artifact: Dict[str, Any]) -> str:
+    search = artifact["search"]
+    text = f"compute steps {artifact['compute_steps']}"
+    if "score_db" in search:
+        text += f" ({search['score_db']} dB against dense; evenly spaced: {search['start_score_db']} dB)"
+    if artifact["forecast"] == "fitted":
+        fitted = sum(len(steps) for steps in artifact["weights"]["branches"].values())
+        text += f", fitted forecast weights for {fitted} (step, branch) pairs"
+    return text
 
 
 if __name__ == "__main__":

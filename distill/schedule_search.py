@@ -70,6 +70,14 @@ def neighbours(mask: Mask, num_steps: int, max_run: int = 3) -> List[Mask]:
     return out
 
 
+def calibration_runs(prompts: Sequence[str], seed: int, seeds: int) -> List[Tuple[str, int]]:
+    """(prompt, seed) pairs: prompt i at draw j uses seed + SEED_STRIDE * j + i, so draws of one
+    prompt never share noise."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    return [(prompt, seed + SEED_STRIDE * j + i) for j in range(seeds) for i, prompt in enumerate(prompts)]
+
+
 def psnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR of outputs in [0, 1], capped at 100 dB (equal outputs)."""
     error = (output.float() - reference.float()).pow(2).mean().item()
@@ -86,26 +94,22 @@ class ScheduleSearch:
 
         if not prompts:
             raise ValueError("the schedule search needs at least one prompt")
-        if seeds < 1:
-            raise ValueError(f"seeds must be at least 1, got {seeds}")
+        if forecast == "fitted":
+            raise ValueError("a schedule is searched for a formula forecast; the fitted one is fitted on the result")
         FixedCacheConfig(forecast=forecast, order=order)  # validates both before any run
         self.pipe, self.prompts, self.num_steps = pipe, list(prompts), num_steps
         self.forecast, self.order, self.log = forecast, order, log
-        # prompt i at draw j uses seed + SEED_STRIDE * j + i: draws of one prompt never share noise
-        self.runs = [(prompt, seed + SEED_STRIDE * j + i) for j in range(seeds) for i, prompt in enumerate(prompts)]
+        self.runs = calibration_runs(prompts, seed, seeds)
         self.call_kwargs = {k: v for k, v in (call_kwargs or {}).items()
                             if k not in ("generator", "prompt", "num_inference_steps", "output_type", "return_dict")}
         self.scores: Dict[Mask, float] = {}
         self.dense = self._generate(None)
 
-    def _generate(self, mask: Optional[Mask]) -> List[torch.Tensor]:
+    def _generate(self, config: Any) -> List[torch.Tensor]:
+        """Decoded outputs of every run with ``config`` as the cache (None: dense)."""
         import accel
-        from accel.caching.configs import FixedCacheConfig
 
-        handle = None
-        if mask is not None:
-            handle = accel.patch(self.pipe, cache=FixedCacheConfig(
-                interval=1, compute_steps=mask, forecast=self.forecast, order=self.order))
+        handle = None if config is None else accel.patch(self.pipe, cache=config)
         try:
             outputs = []
             for prompt, seed in self.runs:
@@ -122,10 +126,17 @@ class ScheduleSearch:
     def score(self, mask: Mask) -> float:
         mask = tuple(sorted(mask))
         if mask not in self.scores:
-            outputs = self._generate(mask)
-            self.scores[mask] = sum(psnr_db(o, d) for o, d in zip(outputs, self.dense)) / len(outputs)
+            from accel.caching.configs import FixedCacheConfig
+
+            self.scores[mask] = self.score_config(FixedCacheConfig(
+                interval=1, compute_steps=mask, forecast=self.forecast, order=self.order))
             self.log(f"{list(mask)}: {self.scores[mask]:.2f} dB")
         return self.scores[mask]
+
+    def score_config(self, config: Any) -> float:
+        """The score of any cache config on the same runs (not memoised)."""
+        outputs = self._generate(config=config)
+        return sum(psnr_db(o, d) for o, d in zip(outputs, self.dense)) / len(outputs)
 
     def run(self, budget: int, *, max_evaluations: int = 80, min_gain: float = MIN_GAIN_DB) -> Dict[str, Any]:
         starts = evenly_spaced_masks(self.num_steps, budget)
@@ -145,29 +156,53 @@ class ScheduleSearch:
                 "evaluations": len(self.scores), "local_optimum": not improved}
 
 
-def search_schedule(pipe: Any, prompts: Sequence[str], steps: int, budget: int, *, forecast: str = "taylorseer",
-                    order: int = 2, call_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0, seeds: int = 1,
-                    max_evaluations: int = 80, out: Optional[str] = None,
+def search_schedule(pipe: Any, prompts: Sequence[str], steps: int, budget: Optional[int], *,
+                    forecast: str = "taylorseer", order: int = 2, call_kwargs: Optional[Dict[str, Any]] = None,
+                    seed: int = 0, seeds: int = 1, max_evaluations: int = 80, schedule: Optional[Any] = None,
+                    residuals: int = 3, inputs: int = 2, out: Optional[str] = None,
                     log: Callable[[str], None] = lambda message: None) -> Dict[str, Any]:
-    """A ``fixed`` calibration artifact: the searched ``compute_steps`` for ``budget`` of ``steps``."""
+    """A ``fixed`` calibration artifact: the searched ``compute_steps`` for ``budget`` of ``steps``.
+
+    With ``forecast="fitted"`` the schedule is searched for TaylorSeer of ``order`` (or taken from
+    ``schedule``, a ``fixed`` artifact); the fitted forecast's weights are then fitted on it and
+    blended with TaylorSeer's on the same runs (``distill/forecast_fit.py``).
+    """
     import accel
-    from accel.caching.calibration import save_calibration
+    from accel.caching.calibration import load_calibration, save_calibration
     from accel.caching.configs import FixedCacheConfig
 
     from .cache_calibration import artifact_meta
+    from .forecast_fit import fit_blended
 
     if steps < 2:
         raise ValueError(f"the schedule search needs at least 2 steps, got {steps}")
-    search = ScheduleSearch(pipe, prompts, steps, forecast=forecast, order=order, call_kwargs=call_kwargs,
-                            seed=seed, seeds=seeds, log=log)
-    found = search.run(budget, max_evaluations=max_evaluations)
+    if schedule is not None and forecast != "fitted":
+        raise ValueError("a given schedule is only refitted: it goes with forecast 'fitted'")
     handle = accel.patch(pipe, cache=FixedCacheConfig())  # only to describe the model as the cache sees it
     try:
         meta = artifact_meta(handle.session, steps, call_kwargs, len(prompts), 0, 0)
     finally:
         handle.remove()
-    artifact = {**meta, "kind": "fixed", "compute_steps": found.pop("compute_steps"), "forecast": forecast,
+    searched_for = "taylorseer" if forecast == "fitted" else forecast
+    search = None
+    if schedule is not None:
+        given = load_calibration(schedule, "fixed", model_class=meta["model_class"], num_steps=steps)
+        given.check_model(meta["model_class"], meta["model_fingerprint"])
+        compute_steps, found = list(given.compute_steps), {"schedule": given.source}
+    else:
+        if budget is None:
+            raise ValueError("--cache fixed needs --budget K: how many of the --steps steps compute")
+        search = ScheduleSearch(pipe, prompts, steps, forecast=searched_for, order=order, call_kwargs=call_kwargs,
+                                seed=seed, seeds=seeds, log=log)
+        found = search.run(budget, max_evaluations=max_evaluations)
+        compute_steps = found.pop("compute_steps")
+    artifact = {**meta, "kind": "fixed", "compute_steps": compute_steps, "forecast": forecast,
                 "order": order, "seeds": seeds, "search": found}
+    if forecast == "fitted":
+        search = search or ScheduleSearch(pipe, prompts, steps, forecast=searched_for, order=order,
+                                          call_kwargs=call_kwargs, seed=seed, seeds=seeds, log=log)
+        fit_blended(pipe, search.runs, artifact, search.score_config, residuals=residuals, inputs=inputs,
+                    call_kwargs=call_kwargs, min_gain=MIN_GAIN_DB, log=log)
     if out is not None:
         save_calibration(artifact, out)
     return artifact

@@ -36,6 +36,9 @@ from accel.pipelines.reference import data
 
 from .quality_bench import QualityBench, add_workload_args, environment, load_workload, patch_setup, write_result
 
+# the budgets (computed steps of 25) with a fitted forecast shipped for the reference model
+FITTED_BUDGETS = (9,)
+
 # (method, params): thresholds from "nearly exact" (fbcache 0.05 reuses nothing on the reference
 # model: a check that the engine costs nothing) to as fast as each rule goes on it.
 ACCEL_SWEEP = (
@@ -58,6 +61,8 @@ ACCEL_SWEEP = (
     + [("fixed", {"interval": n, "forecast": "taylorseer", "order": 2, "schedule": "searched"}) for n in (2, 3, 4)]
     # 6 of 25 steps (no interval gives that count with one warm-up step): the shipped artifact by name
     + [("fixed", {"calibration": "fixed-25-6.json", "forecast": "taylorseer", "order": 2})]
+    # the fitted forecast on its schedule (`accel calibrate --cache fixed --forecast fitted`), where shipped
+    + [("fixed", {"calibration": f"fixed-25-{k}-fitted.json", "forecast": "fitted"}) for k in FITTED_BUDGETS]
     # adaptive rules with a forecast of the reused steps
     + [("magcache", {"threshold": 0.24, "max_consecutive_reuses": 4, "warmup_ratio": 0.1, "forecast": f, "order": o})
        for f, o in (("taylor", 1), ("taylorseer", 2))]
@@ -87,8 +92,9 @@ def accel_rows(bench: QualityBench, calibrations: Dict[str, Any], only=None) -> 
         # the engine's own count (blocks run / dense), next to the hook count every row has
         counters = setup.summary["methods"]["cache"]["counters"]
         row["engine_compute_fraction"] = counters["compute_fraction"]
-        if "schedule" in counters:  # which steps a fixed cache computed: uniform, or the searched artifact
-            row["schedule"] = counters["schedule"]
+        if "schedule" in counters:  # which steps a fixed cache computed (uniform, or the searched artifact)
+            row["schedule"] = counters["schedule"]  # and how it forecast the others
+            row["forecast"] = counters["forecast"]
         rows.append(row)
     return rows
 

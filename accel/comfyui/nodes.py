@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from accel import attention as _attention  # noqa: F401  (fills the method registries)
 from accel import caching as _caching  # noqa: F401
 from accel.base.registry import ATTENTION_METHODS, CACHE_METHODS, MODEL_ADAPTERS
-from accel.caching.forecast import FORECASTS
+from accel.caching.forecast import FORECASTS, SCHEDULE_FORECASTS
 from accel.config import Part, resolve_method
 from accel.pipelines.presets import BASE_PRESETS
 
@@ -32,7 +32,9 @@ WINDOW = [("start_percent", "float", dict(default=0.0, min=0.0, max=1.0, step=0.
 CACHE_INPUTS = [("threshold", "float", dict(default=-1.0, min=-1.0, max=10.0, step=0.01),
                  "reuse threshold of the rule (-1: the rule's default)"),
                 ("interval", "int", dict(default=0, min=0, max=10), "fixed rule: compute every N-th step (0: its default)"),
-                ("forecast", "combo", dict(options=[DEFAULT, *FORECASTS], default=DEFAULT),
+                # the fitted forecast's weights ship for diffusers' model classes, never ComfyUI's
+                ("forecast", "combo", dict(options=[DEFAULT, *(f for f in FORECASTS if f not in SCHEDULE_FORECASTS)],
+                                           default=DEFAULT),
                  "what a skipped step adds: the cached residual or a forecast of it")]
 ATTENTION_INPUTS = [("density", "float", dict(default=-1.0, min=-1.0, max=1.0, step=0.01),
                      "fraction of visual query/key pairs kept (-1: the pattern's default)"),

@@ -136,3 +136,39 @@ def test_taylorseer_order_2_follows_curvature_by_the_backward_differences(gap, l
     predicted = make_forecaster("taylorseer", 2).predict(history(square, (s0 - 2 * gap, s0 - gap, s0)), s0 + lead)
     expected = float((s0 + lead) ** 2 - gap * lead)
     torch.testing.assert_close(predicted["hidden_states"], BASE * expected + expected)
+
+
+def _fitted(weights_at_5, residuals=3, inputs=2):
+    from accel.caching.forecast import FittedForecast, FittedWeights
+
+    weights = FittedWeights(residuals, inputs, {"cond": {5: weights_at_5}})
+    return FittedForecast(weights, make_forecaster("fitted", 2))
+
+
+def test_fitted_forecast_is_its_weighted_sum_of_residuals_and_input_moves():
+    from accel.caching.forecast import ForecastInputs
+
+    signal = polynomial([0.5, -1.0, 0.25])
+    hist = history(signal, (0, 2, 4))
+    inputs_at = {s: {name: value * (s + 1) for name, value in signal(9).items()} for s in (0, 2, 4)}
+    now = {name: value * 7 for name, value in signal(9).items()}
+    weights = (1.5, -0.75, 0.125, -0.5, 0.25)
+    out = _fitted(weights).predict(hist, 5, ForecastInputs("cond", now, inputs_at))
+    for name in now:
+        newest_first = [signal(s)[name] for s in (4, 2, 0)] + [now[name] - inputs_at[s][name] for s in (4, 2)]
+        expected = sum(w * f for w, f in zip(weights, newest_first))
+        torch.testing.assert_close(out[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_fitted_forecast_falls_back_to_taylorseer_without_weights_or_for_another_history():
+    from accel.caching.forecast import ForecastInputs
+
+    signal = polynomial([0.5, -1.0, 0.25])
+    hist = history(signal, (0, 2, 4))
+    inputs_at = {s: signal(s) for s in (0, 2, 4)}
+    fitted = _fitted((1.0, 0.0, 0.0, 0.0, 0.0))  # weights only for the cond branch at step 5
+    # another branch, a step without weights, or (no inputs known) fewer features than weights
+    for branch, step, known in (("uncond", 5, inputs_at), ("cond", 6, inputs_at), ("cond", 5, {})):
+        out = fitted.predict(hist, step, ForecastInputs(branch, signal(step), known))
+        assert_exact(out, make_forecaster("taylorseer", 2).predict(hist, step))
+    assert _fitted((1.0,)).history_size == 3 and _fitted((1.0,), residuals=4).history_size == 4

@@ -153,3 +153,32 @@ def test_fixed_cache_runs_the_schedule_searched_for_its_budget(pipe, dense_video
         build.generate(pipe, num_inference_steps=10)
         assert handle.summary()["methods"]["cache"]["counters"]["schedule"] == "uniform"
     assert not [w for w in caught if "schedule" in str(w.message)]
+
+
+def test_fixed_cache_with_the_fitted_forecast_runs_the_shipped_fitted_schedule_or_the_best_one_left(pipe, dense_video):
+    """``forecast="fitted"`` runs the shipped fitted artifact for its budget (9 of 25 steps); a budget
+    with none runs the schedule searched for TaylorSeer, and another step count the uniform one,
+    both forecast by TaylorSeer order 2, quietly (schedule "auto")."""
+    import json
+    import warnings
+
+    import accel
+    from accel.eval.metrics import psnr
+
+    path = os.path.join(build.CALIBRATION_DIR, "fixed-25-9-fitted.json")
+    with open(path) as fh:
+        fitted = json.load(fh)
+    with accel.patched(pipe, cache={"name": "fixed", "interval": 3, "forecast": "fitted"}) as handle:
+        video = build.generate(pipe)
+        counters = handle.summary()["methods"]["cache"]["counters"]
+        computed = sorted(handle.methods["cache"].engine.rule.compute_steps)
+    assert counters["schedule"] == f"searched ({path})" and counters["forecast"] == "fitted", counters
+    assert computed == fitted["compute_steps"] and counters["steps_reused"]["cond"] == 16, counters
+    assert 30 < psnr(video, dense_video) < 100
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with accel.patched(pipe, cache={"name": "fixed", "interval": 3, "forecast": "fitted"}) as handle:
+            build.generate(pipe, num_inference_steps=10)
+            counters = handle.summary()["methods"]["cache"]["counters"]
+    assert (counters["schedule"], counters["forecast"]) == ("uniform", "taylorseer order 2"), counters
+    assert not [w for w in caught if "fitted" in str(w.message) or "schedule" in str(w.message)]
