@@ -296,7 +296,8 @@ def _describe_fixed(artifact: Dict[str, Any]) -> str:
         text += f" ({search['score_db']} dB against dense; evenly spaced: {search['start_score_db']} dB)"
     if artifact["forecast"] == "fitted":
         fitted = sum(len(steps) for steps in artifact["weights"]["branches"].values())
-        text += f", fitted forecast weights for {fitted} (step, branch) pairs"
+        text += (f", fitted forecast weights for {fitted} (step, branch) pairs, share {artifact['fit']['share']} of the "
+                 "fit kept (TaylorSeer's weights for the rest)")
     return text
 
 

@@ -17,11 +17,11 @@ forecasts have moved it. The least-squares objective is the error of one step, n
 the weights at one step do not know what their error does later (a forecast that follows the
 input's moves also feeds back what the forecasts before it got wrong). On the reference model the
 fit alone gained 0.75 dB over TaylorSeer at 9 computed steps of 25 and lost 1.7 dB at 13 (decoded
-output, captions and seeds outside the fit), so ``search_schedule`` then blends it with
-TaylorSeer's weights (``blend``) at the share that scores best on the decoded output of the
-calibration runs, TaylorSeer alone (share 0) included. Each run stops after its target step (through the pipeline's
-``callback_on_step_end`` interrupt where it has one), so a fit costs about half a generation per
-skipped step and run.
+output, captions and seeds outside the fit), so ``fit_blended`` mixes it with TaylorSeer's weights
+(``blend``) at the share that scores best on the decoded output of the calibration runs,
+TaylorSeer alone (share 0) included. Each run stops after its target step (through the
+pipeline's ``callback_on_step_end`` interrupt where it has one), so a fit costs about half a
+generation per skipped step and run.
 """
 from __future__ import annotations
 
